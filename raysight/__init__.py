@@ -1,0 +1,46 @@
+"""raysight: read and edit the internals of PyTorch models with the nnsight programming model, locally or on Ray.
+
+    import raysight
+    model = raysight.NNsight(torch_module)
+    with model.trace(x):
+        hidden = model.layer1.output.save()
+
+Importing raysight patches nothing and starts nothing; it imports neither ray nor transformers.
+"""
+
+from raysight.errors import (
+    InterventionError,
+    MissedProviderError,
+    OutOfOrderError,
+    RaysightError,
+    StructureError,
+    TraceError,
+)
+from raysight.graph import Graph, Location, Node, Op, Proxy
+from raysight.models.nnsight import NNsight
+from raysight.tracing.control import (
+    apply,
+    bool,
+    bytearray,
+    bytes,
+    complex,
+    cond,
+    dict,
+    float,
+    int,
+    list,
+    log,
+    set,
+    stop,
+    str,
+    tuple,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NNsight", "Proxy", "Graph", "Node", "Op", "Location",
+    "apply", "log", "stop", "cond",
+    "list", "dict", "tuple", "set", "int", "float", "str", "bool", "bytes", "bytearray", "complex",
+    "RaysightError", "TraceError", "OutOfOrderError", "InterventionError", "StructureError", "MissedProviderError",
+]  # fmt: skip

@@ -1,0 +1,33 @@
+"""The boundary between recording a graph and running it: plain data in (:class:`Request`), saved values out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from raysight.graph.graph import Graph
+
+
+@dataclass
+class InvokeInputs:
+    """One invoke's prepared inputs and how many batch rows they are."""
+
+    args: tuple
+    kwargs: dict
+    batch_size: int
+
+
+@dataclass
+class Request:
+    """Everything needed to run one trace: the graph, each invoke's inputs, and forward keyword arguments."""
+
+    graph: Graph
+    invokes: list[InvokeInputs]
+    forward_kwargs: dict = field(default_factory=dict)
+    method: str = "forward"  # or "generate"
+
+
+class Backend(Protocol):
+    def __call__(self, model: Any, request: Request) -> dict[int, Any]:
+        """Run ``request`` against ``model``; return the saved values by node index."""
+        ...

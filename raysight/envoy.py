@@ -1,0 +1,219 @@
+"""Envoy: the user's handle on one module of the wrapped model.
+
+An envoy mirrors the ``nn.Module`` tree (``model.transformer.h[3]``); inside a trace its ``.output``, ``.input``
+and ``.inputs`` are proxies that read (or, when assigned, write) that module's values in the forward pass, its
+tensor attributes are copies, and calling it runs the module ad hoc. Outside a trace it gives the real module's
+attributes. A child whose name clashes with the envoy API (``output``, ``next``, ...) is reachable as
+``name_`` (e.g. BERT's ``attention.output_``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import torch
+
+from raysight.errors import TraceError
+from raysight.graph.node import Location, Op
+from raysight.graph.proxy import Proxy, current_recorder
+
+
+class Envoy:
+    """A module in the tree of a wrapped model. See the module docstring."""
+
+    _raysight_envoy = True
+
+    def __init__(self, module: torch.nn.Module, path: str = "", root: Optional["Envoy"] = None) -> None:
+        d = self.__dict__
+        d["_module"] = module
+        d["_path"] = path
+        d["_root"] = root if root is not None else self
+        d["_children"] = {}
+        d["_subtree"] = None
+        d["_root"]._register(path, self)
+        for name, child in module.named_children():
+            self._add_child(name, child)
+
+    # -- the tree -------------------------------------------------------------------------------------------
+    def _register(self, path: str, envoy: "Envoy") -> None:
+        self.__dict__.setdefault("_by_path", {})[path] = envoy
+
+    def _add_child(self, name: str, module: torch.nn.Module) -> "Envoy":
+        path = f"{self._path}.{name}" if self._path else name
+        child = Envoy(module, path, self._root)
+        self._children[name] = child
+        attr = name + "_" if hasattr(type(self), name) else name
+        self.__dict__[attr] = child
+        for key, alias in (self._root.__dict__.get("_rename") or {}).items():
+            if key == path and "." in key:
+                self._root.__dict__.setdefault(alias, child)  # a full path: reachable from the root
+            elif key == name:
+                self.__dict__.setdefault(alias, child)  # a child name: renamed wherever it occurs
+        self._invalidate_subtree()
+        return child
+
+    def _invalidate_subtree(self) -> None:
+        envoy: Optional[Envoy] = self
+        root = self._root
+        while envoy is not None:
+            envoy.__dict__["_subtree"] = None
+            if envoy is root:
+                break
+            parent_path = envoy._path.rpartition(".")[0]
+            envoy = root._by_path.get(parent_path)
+
+    def _subtree_paths(self) -> list[str]:
+        paths = self.__dict__["_subtree"]
+        if paths is None:
+            paths = [self._path]
+            for child in self._children.values():
+                paths.extend(child._subtree_paths())
+            self.__dict__["_subtree"] = paths
+        return paths
+
+    def modules(self) -> Iterator["Envoy"]:
+        """This envoy and every envoy below it."""
+        yield self
+        for child in self._children.values():
+            yield from child.modules()
+
+    def named_modules(self) -> Iterator[tuple[str, "Envoy"]]:
+        for envoy in self.modules():
+            yield envoy._path, envoy
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    # -- reading and writing values (inside a trace) --------------------------------------------------------
+    def _recorder(self, what: str) -> Any:
+        rec = current_recorder()
+        if rec is None or not rec.recording:
+            raise TraceError(
+                f"`{self._describe()}.{what}` can only be used inside a `with model.trace(...)` block "
+                "(or a session / edit block)"
+            )
+        model = getattr(rec, "model", None)
+        if model is not None and model is not self._root:
+            raise TraceError(
+                f"`{self._describe()}.{what}` belongs to another model than the one being traced; read it inside a "
+                "trace of its own model (use a session to combine several models)"
+            )
+        return rec
+
+    def _location(self, rec: Any, key: str) -> Location:
+        return Location(self._path, key, rec.call_index(self._path))
+
+    @property
+    def output(self) -> Proxy:
+        """The module's output in this forward pass (narrowed to the invoke's rows)."""
+        rec = self._recorder("output")
+        return rec.record(Op.READ, self._location(rec, "output"))
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        rec = self._recorder("output")
+        rec.record(Op.WRITE, self._location(rec, "output"), (value,))
+
+    @property
+    def input(self) -> Proxy:
+        """The module's first positional argument (or its first keyword argument when called without any)."""
+        rec = self._recorder("input")
+        return rec.record(Op.READ, self._location(rec, "input"))
+
+    @input.setter
+    def input(self, value: Any) -> None:
+        rec = self._recorder("input")
+        rec.record(Op.WRITE, self._location(rec, "input"), (value,))
+
+    @property
+    def inputs(self) -> Proxy:
+        """All of the module's arguments as ``((args...), {kwargs})``."""
+        rec = self._recorder("inputs")
+        return rec.record(Op.READ, self._location(rec, "inputs"))
+
+    @inputs.setter
+    def inputs(self, value: Any) -> None:
+        rec = self._recorder("inputs")
+        rec.record(Op.WRITE, self._location(rec, "inputs"), (value,))
+
+    def next(self, steps: int = 1) -> "Envoy":
+        """Later accesses of this module and its descendants refer to their next call (chainable)."""
+        rec = self._recorder("next()")
+        rec.advance(self._subtree_paths(), steps)
+        return self
+
+    def __call__(self, *args: Any, hook: bool = False, **kwargs: Any) -> Any:
+        rec = current_recorder()
+        if rec is None or not rec.recording:
+            return self._module(*args, **kwargs)
+        self._recorder("__call__")
+        if hook:
+            kwargs["hook"] = True
+        return rec.record(Op.CALL_MODULE, self._path, args, kwargs)
+
+    # -- attributes -----------------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        module = self.__dict__["_module"]
+        try:
+            value = getattr(module, name)
+        except AttributeError:
+            children = ", ".join(self._children) or "none"
+            raise AttributeError(
+                f"{self._describe()} ({type(module).__name__}) has no submodule or attribute {name!r}; its "
+                f"submodules are: {children}. Print the model to see its tree."
+            ) from None
+        if isinstance(value, torch.Tensor):
+            rec = current_recorder()
+            if rec is not None and rec.recording and getattr(rec, "model", None) is self._root:
+                return rec.record(Op.PARAM, (self._path, name))
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("output", "input", "inputs"):
+            object.__setattr__(self, name, value)
+        elif isinstance(value, torch.nn.Module):
+            self._module.add_module(name, value)
+            self._add_child(name, value)
+        elif isinstance(value, Proxy):
+            raise TraceError(
+                f"cannot store a proxy as attribute {name!r} of {self._describe()}; assign `.output`/`.input`, "
+                "or keep the proxy in a variable"
+            )
+        else:
+            setattr(self._module, name, value)
+
+    # -- containers -----------------------------------------------------------------------------------------
+    def __getitem__(self, key: Any) -> Any:
+        children = list(self._children.values())
+        if isinstance(key, slice):
+            return children[key]
+        if isinstance(key, str):
+            if key in self._children:
+                return self._children[key]
+            raise KeyError(f"{self._describe()} has no submodule {key!r}; it has: {', '.join(self._children)}")
+        if not isinstance(key, int):
+            raise TypeError(f"index {self._describe()} with an int, a slice or a name, not {type(key).__name__}")
+        if not -len(children) <= key < len(children):
+            raise IndexError(
+                f"{self._describe()} has {len(children)} submodules (valid indices {-len(children)}.."
+                f"{len(children) - 1}); index {key} is out of range"
+            )
+        return children[key]
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def __iter__(self) -> Iterator["Envoy"]:
+        return iter(list(self._children.values()))
+
+    def _describe(self) -> str:
+        return f"model.{self._path}" if self._path else "model"
+
+    def __repr__(self) -> str:
+        return repr(self._module)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(dir(self._module)))

@@ -1,0 +1,40 @@
+"""The exception tree of raysight.
+
+Every error is a small, picklable class (plain ``args``), so it can cross a process or a Ray boundary intact.
+Messages name what went wrong, where (a module path, an invoke, a user source line) and what to do instead.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "RaysightError",
+    "TraceError",
+    "OutOfOrderError",
+    "InterventionError",
+    "StructureError",
+    "MissedProviderError",
+]
+
+
+class RaysightError(Exception):
+    """Base class of every error raysight raises on its own account."""
+
+
+class TraceError(RaysightError):
+    """The code inside a ``with model.trace(...)`` block cannot be recorded as written."""
+
+
+class OutOfOrderError(RaysightError):
+    """An invoke read a module after a module that runs later in the forward pass had already fired."""
+
+
+class InterventionError(RaysightError):
+    """An intervention was given a value it cannot apply (wrong structure, never-produced value, ...)."""
+
+
+class StructureError(InterventionError, TypeError):
+    """A value assigned to ``.output``/``.input`` does not have the structure of the value it replaces."""
+
+
+class MissedProviderError(RaysightError):
+    """A module location the graph waits on fired fewer times than the graph asked for."""

@@ -1,0 +1,213 @@
+"""Nodes of the intervention graph, in the style of torch.fx.
+
+A node is one operation from a *closed* set (:class:`Op`) with a target, positional and keyword arguments. Arguments
+are plain Python values in which other nodes appear directly (``Node`` objects inside tuples, lists, dicts and
+slices); :meth:`Node.deps` lists those nodes once. Sub-graphs (the body of a condition or of an invoke) are lists
+of nodes held in ``body``. A new feature is a new op plus one interpreter method, never a new node class.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+
+class Op(str, enum.Enum):
+    """The closed set of operations. ``target`` means something different for each (see the comments)."""
+
+    CALL_FUNCTION = "call_function"  # target: a callable; args/kwargs as given
+    CALL_METHOD = "call_method"  # target: method name; args[0] is the object
+    GET_ATTR = "get_attr"  # target: attribute name; args[0] is the object
+    READ = "read"  # target: Location; the (narrowed) value a module received or returned
+    WRITE = "write"  # target: Location; args[0] replaces the value at that location
+    CALL_MODULE = "call_module"  # target: module path; args/kwargs go to the module; kwargs["hook"] fires hooks
+    PARAM = "param"  # target: (module path, attribute); a copy of a parameter or buffer
+    GRAD = "grad"  # args[0]: a tensor; the gradient reaching it in the next backward pass
+    SET_GRAD = "set_grad"  # args[0]: a tensor, args[1]: the gradient that replaces its gradient
+    COND = "cond"  # args[0]: predicate; body: nodes run only if it is true
+    INVOKE = "invoke"  # target: invoke index; body: nodes that see that invoke's rows of the batch
+    STOP = "stop"  # ends the forward pass when reached
+    LOG = "log"  # args: values printed when the graph runs
+
+
+@dataclass(frozen=True)
+class Location:
+    """A place in a model a graph can read or write: a module path, which value, and which call of the module."""
+
+    path: str  # dotted module path; "" is the root module
+    key: str  # "output", "input" (first argument) or "inputs" ((args, kwargs))
+    call: int = 0  # which call of the module in this run (0 = the first)
+
+    @property
+    def is_input(self) -> bool:
+        return self.key != "output"
+
+    def describe(self, root_name: str = "model") -> str:
+        where = f"{root_name}.{self.path}" if self.path else root_name
+        suffix = f" (call {self.call})" if self.call else ""
+        return f"{where}.{self.key}{suffix}"
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+@dataclass(frozen=True)
+class SourceLine:
+    """Where the user's code created a node."""
+
+    filename: str
+    lineno: int
+    function: str
+
+    def __str__(self) -> str:
+        return f"{self.filename}:{self.lineno} in {self.function}"
+
+    def text(self) -> str:
+        import linecache
+
+        return linecache.getline(self.filename, self.lineno).strip()
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_INTERNAL = (_PACKAGE_DIR + os.sep, os.path.dirname(os.__file__) + os.sep + "contextlib.py")
+
+
+def user_source(skip: int = 2) -> Optional[SourceLine]:
+    """The first frame outside raysight (and contextlib): the user's line that is being recorded."""
+    frame = sys._getframe(skip)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_INTERNAL):
+            return SourceLine(filename, frame.f_lineno, frame.f_code.co_name)
+        frame = frame.f_back
+    return None
+
+
+class Node:
+    """One operation in the graph. ``index`` is unique within the root graph and orders nodes as recorded."""
+
+    __slots__ = ("index", "op", "target", "args", "kwargs", "deps", "body", "saved", "source", "num_users")
+
+    def __init__(
+        self,
+        index: int,
+        op: Op,
+        target: Any,
+        args: tuple = (),
+        kwargs: Optional[dict] = None,
+        body: Optional[list] = None,
+        source: Optional[SourceLine] = None,
+    ) -> None:
+        self.index = index
+        self.op = op
+        self.target = target
+        self.args = args
+        self.kwargs = kwargs if kwargs is not None else {}
+        self.deps: tuple[Node, ...] = _collect_nodes(args, self.kwargs)
+        self.body = body
+        self.saved = False
+        self.source = source
+        self.num_users = 0
+        for dep in self.deps:
+            dep.num_users += 1
+
+    @property
+    def name(self) -> str:
+        return f"%{self.index}"
+
+    def describe_target(self) -> str:
+        target = self.target
+        if self.op is Op.CALL_FUNCTION:
+            return _callable_name(target)
+        if self.op is Op.CALL_MODULE:
+            return f"model.{target}" if target else "model"
+        if self.op is Op.PARAM:
+            path, attr = target
+            return f"model.{path}.{attr}" if path else f"model.{attr}"
+        return str(target) if target is not None else ""
+
+    def format(self) -> str:
+        args = ", ".join(_format_arg(a) for a in self.args)
+        kwargs = ", ".join(f"{k}={_format_arg(v)}" for k, v in self.kwargs.items())
+        call = ", ".join(x for x in (args, kwargs) if x)
+        saved = " [saved]" if self.saved else ""
+        return f"{self.name} = {self.op.value}[{self.describe_target()}]({call}){saved}"
+
+    def __repr__(self) -> str:
+        return self.format()
+
+
+def _callable_name(fn: Callable) -> str:
+    module = getattr(fn, "__module__", None)
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    if module in (None, "builtins"):
+        return name
+    if module == "_operator":
+        module = "operator"
+    return f"{module}.{name}"
+
+
+def _format_arg(a: Any) -> str:
+    if isinstance(a, Node):
+        return a.name
+    if isinstance(a, tuple):
+        inner = ", ".join(_format_arg(x) for x in a)
+        return f"({inner},)" if len(a) == 1 else f"({inner})"
+    if isinstance(a, list):
+        return "[" + ", ".join(_format_arg(x) for x in a) + "]"
+    if isinstance(a, dict):
+        return "{" + ", ".join(f"{k!r}: {_format_arg(v)}" for k, v in a.items()) + "}"
+    if isinstance(a, slice):
+        parts = [_format_arg(x) if x is not None else "" for x in (a.start, a.stop, a.step)]
+        return ":".join(parts[:2] if a.step is None else parts)
+    if type(a).__name__ == "Tensor":
+        return f"tensor(shape={tuple(a.shape)}, dtype={a.dtype})"
+    text = repr(a)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def _collect_nodes(args: tuple, kwargs: dict) -> tuple:
+    found: dict[int, Node] = {}
+
+    def visit(a: Any) -> None:
+        if isinstance(a, Node):
+            found.setdefault(a.index, a)
+        elif isinstance(a, (tuple, list)):
+            for x in a:
+                visit(x)
+        elif isinstance(a, dict):
+            for x in a.values():
+                visit(x)
+        elif isinstance(a, slice):
+            visit(a.start)
+            visit(a.stop)
+            visit(a.step)
+
+    for a in args:
+        visit(a)
+    for a in kwargs.values():
+        visit(a)
+    return tuple(found.values())
+
+
+def map_nodes(a: Any, fn: Callable[[Node], Any]) -> Any:
+    """Rebuild ``a`` with every node in it replaced by ``fn(node)`` (tuples, lists, dicts and slices are walked)."""
+    if isinstance(a, Node):
+        return fn(a)
+    if isinstance(a, tuple):
+        items = [map_nodes(x, fn) for x in a]
+        if type(a) is tuple:
+            return tuple(items)
+        if hasattr(type(a), "_fields"):  # named tuple
+            return type(a)(*items)
+        return type(a)(items)  # torch.Size and other tuple subclasses
+    if isinstance(a, list):
+        return [map_nodes(x, fn) for x in a]
+    if isinstance(a, dict):
+        return {k: map_nodes(v, fn) for k, v in a.items()}
+    if isinstance(a, slice):
+        return slice(map_nodes(a.start, fn), map_nodes(a.stop, fn), map_nodes(a.step, fn))
+    return a

@@ -1,0 +1,340 @@
+"""Proxy: a stand-in for a value that will exist when the graph runs.
+
+While a recorder (a tracer or session) is active, every operation on a proxy records a node through it and returns
+a new proxy. Once the graph has run, a saved proxy holds its value and behaves as that value: operators, indexing,
+``print``, ``len``, iteration and torch functions act on the real value. ``if proxy:``, ``for x in proxy:`` and
+``len(proxy)`` cannot be recorded and raise :class:`~raysight.errors.TraceError` with a hint while recording.
+"""
+
+from __future__ import annotations
+
+import operator
+from contextvars import ContextVar
+from typing import Any, Optional, Protocol
+
+from raysight.errors import TraceError
+from raysight.graph.node import Node, Op
+
+
+class _Unset:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+UNSET: Any = _Unset()
+
+
+class Recorder(Protocol):
+    """What a proxy needs from the object that records it (implemented by the tracer)."""
+
+    graph: Any
+    recording: bool
+
+    def record(self, op: Op, target: Any, args: tuple = (), kwargs: Optional[dict] = None) -> "Proxy": ...
+
+    def mark_saved(self, proxy: "Proxy") -> None: ...
+
+
+_CURRENT: ContextVar[Optional[Recorder]] = ContextVar("raysight_current_recorder", default=None)
+
+
+def current_recorder() -> Optional[Recorder]:
+    """The tracer or session now recording in this context, if any."""
+    return _CURRENT.get()
+
+
+def _recording() -> Optional[Recorder]:
+    rec = _CURRENT.get()
+    return rec if rec is not None and rec.recording else None
+
+
+def value_of(a: Any) -> Any:
+    """``a`` with every proxy inside it replaced by its value (raises if one was never produced)."""
+    if isinstance(a, Proxy):
+        return a.value
+    if isinstance(a, (list, tuple)):
+        if not any(isinstance(x, (Proxy, list, tuple, dict)) for x in a):
+            return a
+        items = [value_of(x) for x in a]
+        if type(a) is list or type(a) is tuple:
+            return type(a)(items)
+        return type(a)(*items) if hasattr(type(a), "_fields") else type(a)(items)
+    if isinstance(a, dict):
+        return {k: value_of(v) for k, v in a.items()}
+    if isinstance(a, slice):
+        return slice(value_of(a.start), value_of(a.stop), value_of(a.step))
+    return a
+
+
+class Proxy:
+    """A recorded value. Use it as you would the value; call :meth:`save` to keep it after the run."""
+
+    __slots__ = ("_node", "_recorder", "_value", "__weakref__")
+
+    def __init__(self, node: Node, recorder: Recorder) -> None:
+        object.__setattr__(self, "_node", node)
+        object.__setattr__(self, "_recorder", recorder)
+        object.__setattr__(self, "_value", UNSET)
+
+    # -- identity -------------------------------------------------------------------------------------------
+    @property
+    def node(self) -> Node:
+        return self._node
+
+    @property
+    def resolved(self) -> bool:
+        """True once the graph has run and produced a (saved) value for this proxy."""
+        return self._value is not UNSET
+
+    @property
+    def value(self) -> Any:
+        value = self._value
+        if value is UNSET:
+            raise ValueError("Accessing value before it's been set. " + self._unset_hint())
+        return value
+
+    def _unset_hint(self) -> str:
+        node = self.node
+        where = f" (created at {node.source})" if node.source else ""
+        if self._recorder.recording:
+            return (
+                f"{node.name}{where} gets its value when the graph runs, at the end of the `with` block; "
+                "inside the block, keep using the proxy itself."
+            )
+        if not node.saved:
+            return f"{node.name}{where} was not saved: call .save() on it inside the trace to keep its value."
+        return (
+            f"{node.name}{where} was never produced: its condition was false, the run stopped early, "
+            "or the module it reads was never reached."
+        )
+
+    def save(self) -> "Proxy":
+        """Keep this value after the run (chainable: ``x = model.layer.output.save()``)."""
+        rec = self._recorder
+        if not rec.recording:
+            raise TraceError(".save() must be called inside the `with` block that created the proxy.")
+        rec.mark_saved(self)
+        return self
+
+    def stop(self) -> None:
+        """End the forward pass as soon as this value has been computed."""
+        rec = _require_recording("stop()")
+        rec.record(Op.STOP, None, (self,))
+
+    # -- recording or acting on the value --------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__") or name.startswith(("_repr_", "_ipython")):
+            raise AttributeError(name)
+        rec = _recording()
+        if rec is None:
+            return getattr(self.value, name)
+        if name == "grad":
+            return rec.record(Op.GRAD, None, (self,))
+        return _AttrProxy(self, name, rec)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        rec = _recording()
+        if rec is None:
+            setattr(self.value, name, value_of(value))
+        elif name == "grad":
+            rec.record(Op.SET_GRAD, None, (self, value))
+        else:
+            rec.record(Op.CALL_FUNCTION, setattr, (self, name, value))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        rec = _recording()
+        if rec is None:
+            return self.value(*value_of(args), **value_of(kwargs))
+        return rec.record(Op.CALL_FUNCTION, _call, (self, *args), kwargs)
+
+    def __getitem__(self, key: Any) -> Any:
+        return _apply(operator.getitem, self, key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        _apply(operator.setitem, self, key, value)
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        rec = _recording()
+        if rec is None:
+            return func(*value_of(args), **value_of(kwargs))
+        return rec.record(Op.CALL_FUNCTION, func, args, kwargs)
+
+    # -- what cannot be recorded ----------------------------------------------------------------------------
+    def __bool__(self) -> bool:
+        if _recording() is None:
+            return bool(self.value)
+        raise TraceError(
+            f"`if` on a proxy ({self._describe()}) cannot be decided while tracing, because its value does not "
+            "exist yet. Use `with tracer.cond(proxy):` (or `session.cond`) to run code conditionally when the "
+            "graph runs; for a multi-element tensor reduce it first, e.g. `tracer.cond(torch.all(x > 0))`."
+        )
+
+    def __iter__(self) -> Any:
+        if _recording() is None:
+            return iter(self.value)
+        raise TraceError(
+            f"Iterating over a proxy ({self._describe()}) cannot be recorded: its length is unknown while tracing. "
+            "Index it (`proxy[0]`, `proxy[1]`), or loop with `with session.iter(proxy) as item:`."
+        )
+
+    def __len__(self) -> int:
+        if _recording() is None:
+            return len(self.value)
+        raise TraceError(
+            f"len() of a proxy ({self._describe()}) is unknown while tracing. Use `proxy.shape[0]` for a tensor, "
+            "or `raysight.apply(len, proxy)` to compute it when the graph runs."
+        )
+
+    def __contains__(self, item: Any) -> bool:
+        if _recording() is None:
+            return item in self.value
+        raise TraceError(
+            "`x in proxy` cannot be decided while tracing; use `raysight.apply(operator.contains, proxy, x)`."
+        )
+
+    def __index__(self) -> int:
+        if _recording() is None:
+            return operator.index(self.value)
+        raise TraceError(
+            f"A proxy ({self._describe()}) cannot be used as a plain Python index while tracing; index a proxy or "
+            "a tensor with it instead, or use `raysight.apply(...)`."
+        )
+
+    def __int__(self) -> int:
+        if _recording() is None:
+            return int(self.value)
+        raise TraceError("int(proxy) is unknown while tracing; use `raysight.int(proxy)` to record the conversion.")
+
+    def __float__(self) -> float:
+        if _recording() is None:
+            return float(self.value)
+        raise TraceError(
+            "float(proxy) is unknown while tracing; use `raysight.float(proxy)` to record the conversion."
+        )
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        if _recording() is None:
+            return self.value.__array__(*args, **kwargs)
+        raise TraceError("A proxy cannot become a numpy array while tracing; convert it after the run.")
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __format__(self, spec: str) -> str:
+        if self._value is not UNSET:
+            return format(self._value, spec)
+        return format(repr(self), spec)
+
+    def __str__(self) -> str:
+        if self._value is not UNSET or (_recording() is None and self.node.saved):
+            return str(self.value)
+        return repr(self)
+
+    def __repr__(self) -> str:
+        if self._value is not UNSET:
+            return repr(self._value)
+        return f"<Proxy {self._describe()}>"
+
+    def _describe(self) -> str:
+        node = self.node
+        return f"{node.name} {node.op.value}[{node.describe_target()}]"
+
+    def __reduce__(self) -> Any:
+        raise TraceError("Proxies cannot be pickled; save them and pickle their `.value` after the run.")
+
+
+class _AttrProxy(Proxy):
+    """``proxy.name``: becomes a GET_ATTR node only if used as a value, a CALL_METHOD node if called."""
+
+    __slots__ = ("_obj", "_attr")
+
+    def __init__(self, obj: Proxy, attr: str, recorder: Recorder) -> None:
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_attr", attr)
+        object.__setattr__(self, "_node", None)
+        object.__setattr__(self, "_recorder", recorder)
+        object.__setattr__(self, "_value", UNSET)
+
+    @property
+    def node(self) -> Node:
+        node = self._node
+        if node is None:
+            node = self._recorder.record(Op.GET_ATTR, self._attr, (self._obj,)).node
+            object.__setattr__(self, "_node", node)
+        return node
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        rec = _recording()
+        if rec is None:
+            return getattr(self._obj.value, self._attr)(*value_of(args), **value_of(kwargs))
+        if self._node is not None:  # the attribute was used as a value already: call that value
+            return rec.record(Op.CALL_FUNCTION, _call, (self, *args), kwargs)
+        return rec.record(Op.CALL_METHOD, self._attr, (self._obj, *args), kwargs)
+
+
+def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
+def _require_recording(what: str) -> Recorder:
+    rec = _recording()
+    if rec is None:
+        raise TraceError(f"{what} can only be used inside a `with model.trace(...)` or `model.session()` block.")
+    return rec
+
+
+def _apply(fn: Any, *args: Any) -> Any:
+    rec = _recording()
+    if rec is None:
+        return fn(*value_of(args))
+    return rec.record(Op.CALL_FUNCTION, fn, args)
+
+
+def _binary(fn: Any) -> Any:
+    def method(self: Proxy, other: Any) -> Any:
+        return _apply(fn, self, other)
+
+    return method
+
+
+def _reflected(fn: Any) -> Any:
+    def method(self: Proxy, other: Any) -> Any:
+        return _apply(fn, other, self)
+
+    return method
+
+
+def _unary(fn: Any) -> Any:
+    def method(self: Proxy) -> Any:
+        return _apply(fn, self)
+
+    return method
+
+
+_BINARY = {
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "truediv": operator.truediv,
+    "floordiv": operator.floordiv, "mod": operator.mod, "pow": operator.pow, "matmul": operator.matmul,
+    "and": operator.and_, "or": operator.or_, "xor": operator.xor, "lshift": operator.lshift,
+    "rshift": operator.rshift,
+}  # fmt: skip
+_INPLACE = {
+    "iadd": operator.iadd, "isub": operator.isub, "imul": operator.imul, "itruediv": operator.itruediv,
+    "ifloordiv": operator.ifloordiv, "imod": operator.imod, "ipow": operator.ipow, "imatmul": operator.imatmul,
+    "iand": operator.iand, "ior": operator.ior, "ixor": operator.ixor,
+}  # fmt: skip
+_COMPARE = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le, "gt": operator.gt,
+            "ge": operator.ge}  # fmt: skip
+_UNARY = {"neg": operator.neg, "pos": operator.pos, "invert": operator.invert, "abs": operator.abs}
+
+for _name, _fn in _BINARY.items():
+    setattr(Proxy, f"__{_name}__", _binary(_fn))
+    setattr(Proxy, f"__r{_name}__", _reflected(_fn))
+for _name, _fn in {**_INPLACE, **_COMPARE}.items():
+    setattr(Proxy, f"__{_name}__", _binary(_fn))
+for _name, _fn in _UNARY.items():
+    setattr(Proxy, f"__{_name}__", _unary(_fn))
+Proxy.__hash__ = lambda self: id(self)  # __eq__ above would otherwise unset it

@@ -1,0 +1,1 @@
+"""Model wrappers: NNsight (any torch module); LanguageModel (Hugging Face) arrives with its issue."""

@@ -1,0 +1,173 @@
+"""Batch rows of invokes: narrowing a module value to one invoke's rows, and writing an invoke's rows back.
+
+Narrowing returns *views* (``tensor.narrow``), so in-place edits of an invoke's rows change the real batch. A value
+is narrowed where it is a tensor whose first dimension is the batch; anything else is passed whole. Replacing an
+invoke's rows builds a new tensor (``torch.cat``) instead of copying in place, so autograd stays intact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from raysight.errors import StructureError
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows ``[start, start + size)`` of a batch of ``total`` rows that belong to one invoke."""
+
+    start: int
+    size: int
+    total: int
+
+
+def narrow(value: Any, rows: Optional[Rows]) -> Any:
+    """``value`` restricted to ``rows`` (views into the batch); ``rows=None`` means the whole batch."""
+    if rows is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == rows.total:
+            return value.narrow(0, rows.start, rows.size)
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [narrow(v, rows) for v in value]
+        return _rebuild_sequence(value, items)
+    if isinstance(value, dict):
+        return _rebuild_mapping(value, {k: narrow(v, rows) for k, v in value.items()})
+    return value
+
+
+def replace_rows(full: Any, rows: Optional[Rows], new: Any, where: str) -> Any:
+    """``full`` with the part ``rows`` selects replaced by ``new``; ``new`` must have the narrowed structure."""
+    check_structure(narrow(full, rows), new, where)
+    if rows is None:
+        return new
+    return _replace(full, rows, new)
+
+
+def _replace(full: Any, rows: Rows, new: Any) -> Any:
+    if isinstance(full, torch.Tensor):
+        if full.dim() > 0 and full.shape[0] == rows.total:
+            if new.shape[1:] != full.shape[1:] or new.shape[0] != rows.size:
+                raise StructureError(
+                    f"the new value has shape {tuple(new.shape)} but the invoke's rows have shape "
+                    f"{(rows.size, *full.shape[1:])}; keep the shape, or set the value for the whole batch "
+                    "outside the invokes"
+                )
+            new = new.to(device=full.device, dtype=full.dtype)
+            pieces = [full[: rows.start], new, full[rows.start + rows.size :]]
+            return torch.cat([p for p in pieces if p.shape[0]], dim=0)
+        return new
+    if isinstance(full, (list, tuple)):
+        return _rebuild_sequence(full, [_replace(f, rows, n) for f, n in zip(full, new)])
+    if isinstance(full, dict):
+        return _rebuild_mapping(full, {k: _replace(full[k], rows, new[k]) for k in full})
+    return new
+
+
+def check_structure(expected: Any, got: Any, where: str) -> None:
+    """Raise :class:`StructureError` if ``got`` cannot stand in for ``expected`` (containers, lengths, keys)."""
+    problem = _structure_problem(expected, got)
+    if problem is not None:
+        raise StructureError(
+            f"cannot set {where}: {problem}. Assign a value with the same structure as the one it replaces, "
+            "e.g. `(new_hidden,) + output[1:]` for a tuple output."
+        )
+
+
+def _structure_problem(expected: Any, got: Any, at: str = "") -> Optional[str]:
+    label = f" at {at}" if at else ""
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            return f"expected a Tensor{label}, got {type(got).__name__}"
+        return None
+    if isinstance(expected, (list, tuple)):
+        if not isinstance(got, (list, tuple)):
+            return f"expected a {type(expected).__name__} of {len(expected)} items{label}, got {type(got).__name__}"
+        if len(got) != len(expected):
+            return f"expected {len(expected)} items{label}, got {len(got)}"
+        for i, (e, g) in enumerate(zip(expected, got)):
+            problem = _structure_problem(e, g, f"{at}[{i}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(expected, dict):
+        if not isinstance(got, dict):
+            return f"expected a mapping with keys {list(expected)}{label}, got {type(got).__name__}"
+        if set(got) != set(expected):
+            return f"expected keys {sorted(expected)}{label}, got {sorted(got)}"
+        for k in expected:
+            problem = _structure_problem(expected[k], got[k], f"{at}[{k!r}]")
+            if problem:
+                return problem
+    return None
+
+
+def _rebuild_sequence(original: Any, items: list) -> Any:
+    if type(original) is tuple or type(original) is list:
+        return type(original)(items)
+    if hasattr(type(original), "_fields"):
+        return type(original)(*items)
+    return type(original)(items)
+
+
+def _rebuild_mapping(original: Any, items: dict) -> Any:
+    if type(original) is dict:
+        return items
+    try:  # ModelOutput and other dict subclasses that take keywords
+        return type(original)(**items)
+    except TypeError:
+        return type(original)(items)
+
+
+def batch_size_of(args: tuple, kwargs: dict) -> int:
+    """The first dimension of the first tensor among the inputs (1 when there is none)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 1
+
+
+def concatenate_inputs(prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict]:
+    """Combine the inputs of several invokes into one batch: tensors are concatenated along dim 0, every other
+    argument must be the same in every invoke (keyword arguments of every invoke are kept, not only the last)."""
+    if len(prepared) == 1:
+        args, kwargs, _ = prepared[0]
+        return args, kwargs
+    first_args, first_kwargs, _ = prepared[0]
+    for i, (args, kwargs, _) in enumerate(prepared[1:], start=1):
+        if len(args) != len(first_args) or set(kwargs) != set(first_kwargs):
+            raise ValueError(
+                f"invoke {i} was given different arguments than invoke 0 ({len(args)} positional, keys "
+                f"{sorted(kwargs)} vs {len(first_args)} positional, keys {sorted(first_kwargs)}); every invoke "
+                "of one trace must pass the same arguments so they can be batched"
+            )
+    args = tuple(_concat([p[0][i] for p in prepared], f"argument {i}") for i in range(len(first_args)))
+    kwargs = {k: _concat([p[1][k] for p in prepared], f"keyword {k!r}") for k in first_kwargs}
+    return args, kwargs
+
+
+def _concat(values: list, what: str) -> Any:
+    if all(isinstance(v, torch.Tensor) for v in values):
+        if any(v.dim() == 0 for v in values) or len({tuple(v.shape[1:]) for v in values}) != 1:
+            raise ValueError(
+                f"cannot batch {what} across invokes: shapes {[tuple(v.shape) for v in values]} differ beyond "
+                "the first dimension"
+            )
+        return torch.cat(values, dim=0)
+    first = values[0]
+    for v in values[1:]:
+        same = v is first or (type(v) is type(first) and _equal(v, first))
+        if not same:
+            raise ValueError(f"cannot batch {what} across invokes: it is not a tensor and differs between invokes")
+    return first
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:
+        return False

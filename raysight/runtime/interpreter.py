@@ -1,0 +1,477 @@
+"""The interleaver: runs a graph in program order while the model's forward pass runs.
+
+Each invoke's body (and the code outside invokes) is a *stream*: a generator that executes its nodes in order
+and suspends on a node it cannot run yet — a read of a module that has not fired, or a value another stream has
+not produced. Hooks deliver *events* (a module's input or output); on each event every stream runs as far as it
+can. A stream that reaches a read whose module already fired in this pass raises :class:`OutOfOrderError`.
+
+Values live in ``env`` (one slot per node) and are freed when the last node that uses them has run (reference
+counts), unless saved. Gradients: a GRAD node followed by a ``backward()`` in the same stream becomes a stream of
+its own (the GRAD node and what depends on it), run inside a tensor hook during that backward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from raysight.errors import InterventionError, MissedProviderError, OutOfOrderError
+from raysight.graph.node import Location, Node, Op, map_nodes
+from raysight.runtime.batching import Rows, narrow, replace_rows
+
+logger = logging.getLogger(__name__)
+
+
+class _Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+UNSET: Any = _Sentinel("unset")
+SKIPPED: Any = _Sentinel("skipped")
+FREED: Any = _Sentinel("freed")
+
+
+class EarlyStop(Exception):
+    """Raised inside the forward pass to end it when a STOP node runs (caught by the backend)."""
+
+
+@dataclass
+class Event:
+    """A module's value as a hook delivers it; writes replace ``value`` and set ``modified``."""
+
+    key: tuple  # (module path, is_input)
+    call: int
+    value: Any
+    modified: bool = False
+
+
+class Stream:
+    """One invoke's body (or the code outside invokes), run as a generator."""
+
+    __slots__ = ("label", "rows", "gen", "waiting", "last_read", "pending", "done")
+
+    def __init__(self, label: str, rows: Optional[Rows]) -> None:
+        self.label = label
+        self.rows = rows
+        self.gen: Optional[Iterator] = None
+        self.waiting: Optional[Node] = None
+        self.last_read: Optional[Location] = None
+        self.pending: Optional[dict] = None  # events that fired while this stream was busy (ad-hoc hook=True)
+        self.done = False
+
+
+class Interleaver:
+    """Executes one graph against one forward pass; hooks call :meth:`on_event`."""
+
+    def __init__(
+        self,
+        nodes: list[Node],
+        streams: list[tuple[list[Node], Optional[Rows], str]],
+        module_at: Callable[[str], torch.nn.Module],
+    ) -> None:
+        self.nodes = nodes
+        self.env: list[Any] = [UNSET] * len(nodes)
+        self.remaining = [n.num_users for n in nodes]
+        self.module_at = module_at
+        self.counts: dict[tuple, int] = {}
+        self.event: Optional[Event] = None
+        self.finished = False
+        self.executed = 0
+        self.deferred: set[int] = set()  # nodes owned by a gradient stream
+        self.armed: list[tuple[Node, Stream]] = []  # gradient streams waiting for their backward pass
+        self.streams: list[Stream] = []
+        for body, rows, label in streams:
+            stream = Stream(label, rows)
+            stream.gen = self._run_body(body, stream)
+            self.streams.append(stream)
+        self._ops = {
+            Op.CALL_FUNCTION: self.call_function,
+            Op.CALL_METHOD: self.call_method,
+            Op.GET_ATTR: self.get_attr,
+            Op.READ: self.read,
+            Op.WRITE: self.write,
+            Op.CALL_MODULE: self.call_module,
+            Op.PARAM: self.param,
+            Op.SET_GRAD: self.set_grad,
+            Op.LOG: self.log,
+        }
+
+    # -- driving --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run everything that needs no module before the forward pass."""
+        self._advance()
+
+    def on_event(self, key: tuple, value: Any) -> Event:
+        call = self.counts.get(key, 0)
+        self.counts[key] = call + 1
+        event = Event(key, call, value)
+        outer, self.event = self.event, event
+        try:
+            for stream in self.streams:
+                if not stream.done and stream.gen.gi_running:  # reentrant: an ad-hoc module call with hook=True
+                    if stream.pending is None:
+                        stream.pending = {}
+                    stream.pending[(key, call)] = event
+            self._advance()
+        finally:
+            self.event = outer
+        return event
+
+    def finish(self) -> None:
+        """After the forward pass: run what is left; reads of modules that never fired are skipped."""
+        self.finished = True
+        self.event = None
+        self._advance()
+        for node, _ in self.armed:
+            raise InterventionError(
+                f"{node.name} reads `.grad` of a value (created at {node.args[0].source}) that took no part in "
+                f"the backward pass recorded after it at {node.source}; read .grad only of tensors the loss "
+                "depends on."
+            )
+
+    def results(self) -> dict[int, Any]:
+        env = self.env
+        return {n.index: env[n.index] for n in self.nodes if n.saved and env[n.index] is not UNSET
+                and env[n.index] is not SKIPPED}  # fmt: skip
+
+    def _advance(self) -> None:
+        while True:
+            before = self.executed
+            for stream in self.streams:
+                if not stream.done and not stream.gen.gi_running:
+                    try:
+                        next(stream.gen)
+                    except StopIteration:
+                        stream.done = True
+            if self.executed == before:
+                return
+
+    # -- the stream body ------------------------------------------------------------------------------------
+    def _run_body(self, body: list[Node], stream: Stream) -> Iterator[None]:
+        env = self.env
+        for node in body:
+            if node.index in self.deferred:
+                continue
+            op = node.op
+            if op is Op.INVOKE:
+                continue  # its body is a stream of its own
+            ready = self._deps_ready(node)
+            while ready is None:
+                stream.waiting = node
+                yield
+                ready = self._deps_ready(node)
+            if not ready:
+                self._skip(node)
+                continue
+            event = None
+            if op is Op.READ or op is Op.WRITE:
+                event = self._event_for(node, stream)
+                while event is None:
+                    if self.finished:
+                        break
+                    stream.waiting = node
+                    yield
+                    event = self._event_for(node, stream)
+                if event is None:
+                    self._unreached(node, stream)
+                    continue
+                if op is Op.READ:
+                    stream.last_read = node.target
+            elif op is Op.COND:
+                if self._load(node.args[0]):
+                    self._set(node, True)
+                    yield from self._run_body(node.body, stream)
+                else:
+                    self._set(node, False)
+                    for inner in node.body:
+                        self._skip(inner)
+                continue
+            elif op is Op.STOP:
+                while not self._stop_barrier(node, stream):
+                    stream.waiting = node
+                    yield
+                raise EarlyStop()
+            elif op is Op.GRAD:
+                self._arm_grad(node, body, stream)
+                continue
+            stream.waiting = None
+            try:
+                value = self._ops[op](node, stream, event)
+            except EarlyStop:
+                raise
+            except Exception as exc:
+                raise annotate(exc, node) from None
+            self._set(node, value)
+
+    def _deps_ready(self, node: Node) -> Optional[bool]:
+        """True: run it; None: wait for another stream; False: a dependency was skipped, so skip it too."""
+        env = self.env
+        for dep in node.deps:
+            value = env[dep.index]
+            if value is UNSET:
+                return None
+            if value is SKIPPED:
+                return False
+        return True
+
+    def _event_for(self, node: Node, stream: Stream) -> Optional[Event]:
+        loc: Location = node.target
+        key = (loc.path, loc.is_input)
+        event = self.event
+        if event is not None and event.key == key and event.call == loc.call:
+            return event
+        if stream.pending is not None:
+            event = stream.pending.pop((key, loc.call), None)
+            if event is not None:
+                return event
+        if self.counts.get(key, 0) > loc.call:
+            after = f" after {stream.last_read}" if stream.last_read else ""
+            raise annotate(
+                OutOfOrderError(
+                    f"{loc} was read{after} in {stream.label}, but that call of the module had already run; read "
+                    "modules in forward order or use a second invoke"
+                ),
+                node,
+            )
+        return None
+
+    def _unreached(self, node: Node, stream: Stream) -> None:
+        loc: Location = node.target
+        fired = self.counts.get((loc.path, loc.is_input), 0)
+        if fired and loc.call >= fired:
+            raise annotate(
+                MissedProviderError(
+                    f"{loc} was requested in {stream.label}, but {loc.describe().rsplit('.', 1)[0]} ran only "
+                    f"{fired} time(s) in this run; call .next() at most {fired - 1} time(s) for it"
+                ),
+                node,
+            )
+        logger.warning("%s was never reached in %s: the module did not run, so its value is not set", loc,
+                       stream.label)  # fmt: skip
+        self._skip(node)
+
+    def _stop_barrier(self, node: Node, stream: Stream) -> bool:
+        """A stop ends the pass only once every other stream has run all its nodes recorded before it."""
+        for other in self.streams:
+            if other is stream or other.done:
+                continue
+            if other.waiting is not None and other.waiting.index < node.index:
+                return False
+        return True
+
+    # -- values ---------------------------------------------------------------------------------------------
+    def _set(self, node: Node, value: Any) -> None:
+        self.executed += 1
+        self.env[node.index] = value if (node.num_users or node.saved) else FREED
+        self._release(node)
+
+    def _release(self, node: Node) -> None:
+        env, remaining = self.env, self.remaining
+        for dep in node.deps:
+            i = dep.index
+            remaining[i] -= 1
+            if remaining[i] == 0 and not dep.saved and env[i] is not SKIPPED:
+                env[i] = FREED
+
+    def _skip(self, node: Node) -> None:
+        if self.env[node.index] is not UNSET:
+            return
+        self.env[node.index] = SKIPPED
+        self.executed += 1
+        self._release(node)
+        if node.body is not None:
+            for inner in node.body:
+                self._skip(inner)
+
+    def _load(self, a: Any) -> Any:
+        if type(a) is Node:
+            return self.env[a.index]
+        if type(a) in (int, float, str, bool) or a is None:
+            return a
+        env = self.env
+        return map_nodes(a, lambda n: env[n.index])
+
+    # -- one method per op ----------------------------------------------------------------------------------
+    def call_function(self, node: Node, stream: Stream, event: Any) -> Any:
+        return node.target(*self._load(node.args), **self._load(node.kwargs))
+
+    def call_method(self, node: Node, stream: Stream, event: Any) -> Any:
+        obj, *args = self._load(node.args)
+        return getattr(obj, node.target)(*args, **self._load(node.kwargs))
+
+    def get_attr(self, node: Node, stream: Stream, event: Any) -> Any:
+        return getattr(self.env[node.args[0].index], node.target)
+
+    def read(self, node: Node, stream: Stream, event: Event) -> Any:
+        return narrow(_select(event.value, node.target.key), stream.rows)
+
+    def write(self, node: Node, stream: Stream, event: Event) -> None:
+        loc: Location = node.target
+        new = self._load(node.args[0])
+        current = _select(event.value, loc.key)
+        where = f"{loc} in {stream.label}"
+        if _same_view(new, narrow(current, stream.rows)):
+            return None  # an in-place edit written back (`x += 1`): the batch already holds it
+        if loc.key == "output":
+            event.value = replace_rows(current, stream.rows, new, where)
+        elif loc.key == "inputs":
+            args, kwargs = replace_rows(current, stream.rows, _as_inputs(new, where), where)
+            event.value = (tuple(args), dict(kwargs))
+        else:
+            args, kwargs = event.value
+            if args:
+                event.value = ((replace_rows(args[0], stream.rows, new, where), *args[1:]), kwargs)
+            else:
+                first = next(iter(kwargs))
+                event.value = (args, {**kwargs, first: replace_rows(kwargs[first], stream.rows, new, where)})
+        event.modified = True
+        return None
+
+    def call_module(self, node: Node, stream: Stream, event: Any) -> Any:
+        module = self.module_at(node.target)
+        args, kwargs = self._load(node.args), self._load(node.kwargs)
+        hook = kwargs.pop("hook", False)
+        device = _device_of(module)
+        if device is not None:
+            args, kwargs = _to_device((args, kwargs), device)
+        return module(*args, **kwargs) if hook else module.forward(*args, **kwargs)
+
+    def param(self, node: Node, stream: Stream, event: Any) -> Any:
+        path, attr = node.target
+        value = getattr(self.module_at(path), attr)
+        return value.clone() if isinstance(value, torch.Tensor) else value
+
+    def set_grad(self, node: Node, stream: Stream, event: Any) -> None:
+        tensor, grad = self._load(node.args)
+        tensor.grad = grad
+        return None
+
+    def log(self, node: Node, stream: Stream, event: Any) -> None:
+        print(*self._load(node.args), **self._load(node.kwargs))  # the user asked for it: tracer.log
+        return None
+
+    # -- gradients ------------------------------------------------------------------------------------------
+    def _arm_grad(self, node: Node, body: list[Node], stream: Stream) -> None:
+        """``x.grad``: if a backward() follows in this stream, run the GRAD node and everything that depends on
+        it inside a hook on ``x`` during that backward; otherwise it is the plain ``x.grad`` attribute."""
+        position = body.index(node)
+        later = body[position + 1 :]
+        if not any(n.op is Op.CALL_METHOD and n.target == "backward" for n in later):
+            self._set(node, self.env[node.args[0].index].grad)
+            return
+        owned = {node.index}
+        closure = [node]
+        for other in later:
+            if other.index not in self.deferred and any(d.index in owned for d in other.deps):
+                owned.add(other.index)
+                closure.append(other)
+        self.deferred |= owned
+        tensor = self.env[node.args[0].index]
+        if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+            raise annotate(
+                InterventionError(
+                    f"`.grad` of {node.args[0].name} cannot be observed: the value does not require grad. Set "
+                    "`.requires_grad = True` on it (or on an earlier value) inside the trace first."
+                ),
+                node,
+            )
+        grad_stream = Stream(f"{stream.label} (gradient of {node.args[0].name})", None)
+        armed = (node, grad_stream)
+        self.armed.append(armed)
+
+        def on_grad(grad: torch.Tensor) -> Optional[torch.Tensor]:
+            handle.remove()
+            self.armed.remove(armed)
+            self.env[node.index] = grad
+            self.executed += 1
+            self._release(node)
+            grad_stream.gen = self._run_body(closure[1:], grad_stream)
+            self.streams.append(grad_stream)
+            try:
+                next(grad_stream.gen)
+            except StopIteration:
+                grad_stream.done = True
+            replaced = self._replaced_grad(closure, tensor)
+            return replaced
+
+        handle = tensor.register_hook(on_grad)
+
+    def _replaced_grad(self, closure: list[Node], tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        for n in reversed(closure):
+            if n.op is Op.SET_GRAD and self.env[n.index] is not UNSET:
+                value = self._load(n.args[1])
+                return value
+        return None
+
+
+def _select(value: Any, key: str) -> Any:
+    if key == "output" or key == "inputs":
+        return value
+    args, kwargs = value
+    if args:
+        return args[0]
+    if kwargs:
+        return next(iter(kwargs.values()))
+    return None
+
+
+def _as_inputs(new: Any, where: str) -> tuple:
+    if not (isinstance(new, (tuple, list)) and len(new) == 2 and isinstance(new[1], dict)):
+        raise InterventionError(
+            f"cannot set {where}: `.inputs` must be set to `((positional args...), {{keyword args}})`, "
+            f"got {type(new).__name__}"
+        )
+    return (tuple(new[0]), new[1])
+
+
+def _same_view(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
+
+
+def _device_of(module: torch.nn.Module) -> Optional[torch.device]:
+    for p in module.parameters():
+        return p.device
+    return None
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device) if value.device != device else value
+    if isinstance(value, (list, tuple)):
+        items = [_to_device(v, device) for v in value]
+        return type(value)(items) if type(value) in (list, tuple) else type(value)(*items)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def annotate(exc: BaseException, node: Node) -> BaseException:
+    """Attach the failing node and the user's line that created it to ``exc`` (keeping its type)."""
+    if getattr(exc, "_raysight_node", None) is not None:
+        return exc
+    where = f"\n    {node.source}: {node.source.text()}" if node.source else ""
+    note = f"raysight: while running {node.format()}, created at{where or ' <unknown>'}"
+    exc._raysight_node = node.index  # type: ignore[attr-defined]
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    elif exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]}\n{note}", *exc.args[1:])
+    return exc

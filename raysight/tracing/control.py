@@ -1,0 +1,74 @@
+"""Graph-level helpers usable in any trace or session: apply, log, stop, cond, and builtins as nodes.
+
+Outside a recording block each helper just does the plain thing (``raysight.list()`` is ``[]``).
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any
+
+from raysight.errors import TraceError
+from raysight.graph.node import Op
+from raysight.graph.proxy import Proxy, current_recorder
+
+
+def _recording(what: str) -> Any:
+    rec = current_recorder()
+    if rec is None or not rec.recording:
+        raise TraceError(f"raysight.{what} can only be used inside a `with model.trace(...)` or session block")
+    return rec
+
+
+def apply(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn(*args, **kwargs)`` as one node when the graph runs (plain call outside a trace)."""
+    rec = current_recorder()
+    if rec is None or not rec.recording:
+        return fn(*args, **kwargs)
+    return rec.record(Op.CALL_FUNCTION, fn, args, kwargs)
+
+
+def log(*values: Any, **print_kwargs: Any) -> None:
+    """Print the real values when the graph runs."""
+    _recording("log()").record(Op.LOG, None, values, print_kwargs)
+
+
+def stop() -> None:
+    """End the forward pass once everything recorded before this line has run."""
+    _recording("stop()").record(Op.STOP, None)
+
+
+def cond(predicate: Any) -> Any:
+    """``with raysight.cond(pred):`` — the same as ``tracer.cond(pred)``."""
+    from raysight.tracing.tracer import Block
+
+    rec = _recording("cond()")
+    return Block(rec, rec.record(Op.COND, None, (predicate,)).node)
+
+
+def _builtin(kind: type) -> Any:
+    def make(*args: Any, **kwargs: Any) -> Any:
+        rec = current_recorder()
+        if rec is None or not rec.recording:
+            return kind(*args, **kwargs)
+        return rec.record(Op.CALL_FUNCTION, kind, args, kwargs)
+
+    make.__name__ = make.__qualname__ = kind.__name__
+    make.__doc__ = f"``raysight.{kind.__name__}(...)``: ``{kind.__name__}(...)`` as a node inside a trace."
+    return make
+
+
+list = _builtin(builtins.list)  # noqa: A001 - deliberately the builtin's name, as in nnsight
+dict = _builtin(builtins.dict)  # noqa: A001
+tuple = _builtin(builtins.tuple)  # noqa: A001
+set = _builtin(builtins.set)  # noqa: A001
+int = _builtin(builtins.int)  # noqa: A001
+float = _builtin(builtins.float)  # noqa: A001
+str = _builtin(builtins.str)  # noqa: A001
+bool = _builtin(builtins.bool)  # noqa: A001
+bytes = _builtin(builtins.bytes)  # noqa: A001
+bytearray = _builtin(builtins.bytearray)  # noqa: A001
+complex = _builtin(builtins.complex)  # noqa: A001
+
+__all__ = ["Proxy", "apply", "log", "stop", "cond", "list", "dict", "tuple", "set", "int", "float", "str", "bool",
+           "bytes", "bytearray", "complex"]  # fmt: skip

@@ -1,0 +1,228 @@
+"""Tracer (``model.trace``) and Invoker (``tracer.invoke``): record a graph, then run it once on exit.
+
+The tracer is the current *recorder* (a ContextVar) while its ``with`` block runs: proxies and envoys record
+nodes through it. Each invoke adds its inputs to the batch and a body of nodes that see only its rows. On a clean
+exit the graph and inputs go to a backend as one request; the saved values come back into the saved proxies.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+from raysight.backends.base import InvokeInputs, Request
+from raysight.errors import TraceError
+from raysight.graph.graph import Graph
+from raysight.graph.node import Node, Op, user_source
+from raysight.graph.proxy import _CURRENT, Proxy, current_recorder
+
+if TYPE_CHECKING:
+    from raysight.models.nnsight import NNsight
+
+
+class Tracer:
+    """``with model.trace(*inputs, **forward_kwargs) as tracer:`` — records interventions, runs them on exit."""
+
+    def __init__(
+        self,
+        model: "NNsight",
+        inputs: tuple,
+        *,
+        invoker_kwargs: Optional[dict] = None,
+        forward_kwargs: Optional[dict] = None,
+        backend: Any = None,
+        method: str = "forward",
+    ) -> None:
+        self.model = model
+        self.graph = Graph()
+        self.recording = False
+        self.invokes: list[InvokeInputs] = []
+        self._inputs = inputs
+        self._invoker_kwargs = invoker_kwargs or {}
+        self._forward_kwargs = forward_kwargs or {}
+        self._backend = backend
+        self._method = method
+        self._invoker: Optional[Invoker] = None
+        self._implicit: Optional[Invoker] = None
+        self._saved: list[Proxy] = []
+        self._calls: dict[str, int] = {}
+        self._token: Any = None
+
+    # -- the recorder protocol ------------------------------------------------------------------------------
+    def record(self, op: Op, target: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Proxy:
+        graph = self.graph
+        node = graph.add(op, target, self._to_arg(args), self._to_arg(kwargs) if kwargs else None, user_source(1))
+        return Proxy(node, self)
+
+    def mark_saved(self, proxy: Proxy) -> None:
+        node = proxy.node
+        node.saved = True
+        self._saved.append(proxy)
+
+    def _to_arg(self, a: Any) -> Any:
+        if isinstance(a, Proxy):
+            if a._recorder.graph is self.graph:
+                return a.node
+            if a.resolved:
+                return a.value
+            if a._recorder.recording:
+                raise TraceError(
+                    f"{a.node.name} belongs to another trace that is still being recorded; traces cannot be nested, "
+                    "use a session (`with model.session():`) to pass values between traces"
+                )
+            return a.value  # raises the "never set" ValueError with its hint
+        t = type(a)
+        if t is tuple or t is list:
+            if all(type(x) in (int, float, str, bool) or x is None for x in a):
+                return a
+            return t(self._to_arg(x) for x in a)
+        if isinstance(a, tuple):
+            items = [self._to_arg(x) for x in a]
+            return t(*items) if hasattr(t, "_fields") else t(items)
+        if t is dict:
+            return {k: self._to_arg(v) for k, v in a.items()}
+        if t is slice:
+            return slice(self._to_arg(a.start), self._to_arg(a.stop), self._to_arg(a.step))
+        if getattr(a, "_raysight_envoy", False):
+            return a._module
+        return a
+
+    # -- calls of modules that run more than once -----------------------------------------------------------
+    def call_index(self, path: str) -> int:
+        return self._calls.get(path, 0)
+
+    def advance(self, paths: list[str], steps: int = 1) -> None:
+        for path in paths:
+            self._calls[path] = self._calls.get(path, 0) + steps
+
+    # -- the user's API -------------------------------------------------------------------------------------
+    def invoke(self, *inputs: Any, **kwargs: Any) -> "Invoker":
+        """Add a batch entry: ``with tracer.invoke(x):`` — accesses inside see only these rows."""
+        return Invoker(self, inputs, kwargs)
+
+    def cond(self, predicate: Any) -> "Block":
+        """``with tracer.cond(pred):`` runs its body only if ``pred`` is true when the graph runs."""
+        return Block(self, self.record(Op.COND, None, (predicate,)).node)
+
+    def stop(self) -> None:
+        """End the forward pass once every intervention recorded before this line has run."""
+        self.record(Op.STOP, None)
+
+    def log(self, *values: Any, **print_kwargs: Any) -> None:
+        """Print the real values when the graph runs."""
+        self.record(Op.LOG, None, values, print_kwargs)
+
+    def apply(self, fn: Any, *args: Any, **kwargs: Any) -> Proxy:
+        """Call ``fn(*args, **kwargs)`` as one node when the graph runs."""
+        return self.record(Op.CALL_FUNCTION, fn, args, kwargs)
+
+    # -- context --------------------------------------------------------------------------------------------
+    def __enter__(self) -> "Tracer":
+        active = current_recorder()
+        if active is not None and active.recording:
+            raise TraceError(
+                "a trace was opened inside another trace; close the first one, or group traces in "
+                "`with model.session():`"
+            )
+        self._token = _CURRENT.set(self)
+        self.recording = True
+        if self._inputs:
+            self._implicit = Invoker(self, self._inputs, self._invoker_kwargs)
+            try:
+                self._implicit.__enter__()
+            except BaseException:
+                self._close()
+                raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if self._implicit is not None and self._invoker is self._implicit:
+            self._implicit.__exit__(exc_type, exc, tb)
+        self._close()
+        if exc_type is not None:
+            return False
+        if not self.invokes:
+            raise TraceError(
+                f"{type(self.model).__name__}.trace() was given no input and no `tracer.invoke(...)` was opened: "
+                "pass inputs to trace(x) or add `with tracer.invoke(x):` blocks"
+            )
+        self._run()
+        return False
+
+    def _close(self) -> None:
+        self.recording = False
+        if self._token is not None:
+            _CURRENT.reset(self._token)
+            self._token = None
+
+    def request(self) -> Request:
+        return Request(self.graph, self.invokes, self._forward_kwargs, self._method)
+
+    def _run(self) -> None:
+        backend = self._backend
+        if backend is None:
+            from raysight.backends.local import LocalBackend
+
+            backend = LocalBackend()
+        results = backend(self.model, self.request())
+        for proxy in self._saved:
+            index = proxy.node.index
+            if index in results:
+                object.__setattr__(proxy, "_value", results[index])
+
+    def __repr__(self) -> str:
+        return f"<Tracer of {type(self.model).__name__}: {len(self.graph)} nodes, {len(self.invokes)} invokes>"
+
+
+class Invoker:
+    """``with tracer.invoke(*inputs, **prepare_kwargs) as invoker:`` — one batch entry and its interventions."""
+
+    def __init__(self, tracer: Tracer, inputs: tuple, kwargs: dict) -> None:
+        self.tracer = tracer
+        self._raw = (inputs, kwargs)
+        self.inputs: tuple = ()
+        self.kwargs: dict = {}
+        self.batch_size = 0
+        self.index = -1
+
+    def __enter__(self) -> "Invoker":
+        tracer = self.tracer
+        if not tracer.recording:
+            raise TraceError("tracer.invoke() must be used inside the `with model.trace():` block")
+        if tracer._invoker is not None:
+            raise TraceError(
+                "an invoke was opened while another invoke is open; invokes cannot be nested. Close the first "
+                "`with tracer.invoke(...)` block (or, for `model.trace(x)` with an input, put each input in its "
+                "own invoke and call `model.trace()` without one)"
+            )
+        if tracer.graph.depth:
+            raise TraceError("tracer.invoke() must be opened directly in the trace, not inside a cond block")
+        inputs, kwargs = self._raw
+        args, kwargs, batch_size = tracer.model._prepare_input(*inputs, **kwargs)
+        self.inputs, self.kwargs, self.batch_size = args, kwargs, batch_size
+        self.index = len(tracer.invokes)
+        tracer.invokes.append(InvokeInputs(args, kwargs, batch_size))
+        node = tracer.graph.add(Op.INVOKE, self.index, source=user_source(1))
+        tracer.graph.enter(node)
+        tracer._invoker = self
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self.tracer.graph.exit()
+        self.tracer._invoker = None
+        return False
+
+
+class Block:
+    """A recorded block: the nodes created inside ``with`` go into ``node.body`` (cond, loops)."""
+
+    def __init__(self, recorder: Any, node: Node) -> None:
+        self.recorder = recorder
+        self.node = node
+
+    def __enter__(self) -> "Block":
+        self.recorder.graph.enter(self.node)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self.recorder.graph.exit()
+        return False
