@@ -72,7 +72,12 @@ class SourceLine:
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_INTERNAL = (_PACKAGE_DIR + os.sep, os.path.dirname(os.__file__) + os.sep + "contextlib.py")
+# Frames in these files record on the user's behalf; the first frame outside them is the user's line.
+_INTERNAL = tuple(
+    os.path.join(_PACKAGE_DIR, part)
+    for part in ("graph" + os.sep, "tracing" + os.sep, "runtime" + os.sep, "models" + os.sep, "backends" + os.sep,
+                 "envoy.py", "__init__.py")
+) + (os.path.join(os.path.dirname(os.__file__), "contextlib.py"),)
 
 
 def user_source(skip: int = 2) -> Optional[SourceLine]:
