@@ -143,6 +143,15 @@ class Envoy:
         rec.advance(self._subtree_paths(), steps)
         return self
 
+    def all(self) -> Any:
+        """Later accesses of this module and its descendants apply to every call (statement or ``with``)."""
+        return self._recorder("all()").select_calls(self._subtree_paths(), None)
+
+    @property
+    def iter(self) -> "_CallSelector":
+        """``envoy.iter[i]``, ``envoy.iter[1:3]``, ``envoy.iter[[0, 2]]``: select calls (statement or ``with``)."""
+        return _CallSelector(self)
+
     def __call__(self, *args: Any, hook: bool = False, **kwargs: Any) -> Any:
         rec = current_recorder()
         if rec is None or not rec.recording:
@@ -217,3 +226,12 @@ class Envoy:
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(dir(self._module)))
+
+
+class _CallSelector:
+    def __init__(self, envoy: Envoy) -> None:
+        self._envoy = envoy
+
+    def __getitem__(self, selection: Any) -> Any:
+        envoy = self._envoy
+        return envoy._recorder("iter[...]").select_calls(envoy._subtree_paths(), selection)

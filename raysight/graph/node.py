@@ -9,10 +9,11 @@ of nodes held in ``body``. A new feature is a new op plus one interpreter method
 from __future__ import annotations
 
 import enum
+import itertools
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 
 class Op(str, enum.Enum):
@@ -34,12 +35,36 @@ class Op(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Calls:
+    """Several calls of a module (``.all()``, ``.iter[...]``): the nodes that depend on such a read run once per
+    selected call. ``items`` lists the calls; otherwise ``start``..``stop`` (``stop=None``: every later call).
+    ``scope`` tells regions apart: reads recorded under one ``.all()``/``.iter`` share it."""
+
+    start: int = 0
+    stop: Optional[int] = None
+    items: Optional[tuple] = None
+    scope: int = 0
+
+    def indices(self) -> Iterator[int]:
+        if self.items is not None:
+            return iter(self.items)
+        if self.stop is None:
+            return itertools.count(self.start)
+        return iter(range(self.start, self.stop))
+
+    def __str__(self) -> str:
+        if self.items is not None:
+            return f"calls {list(self.items)}"
+        return f"calls {self.start}..{'' if self.stop is None else self.stop - 1}"
+
+
+@dataclass(frozen=True)
 class Location:
-    """A place in a model a graph can read or write: a module path, which value, and which call of the module."""
+    """A place in a model a graph can read or write: a module path, which value, and which call(s) of the module."""
 
     path: str  # dotted module path; "" is the root module
     key: str  # "output", "input" (first argument) or "inputs" ((args, kwargs))
-    call: int = 0  # which call of the module in this run (0 = the first)
+    call: Union[int, Calls] = 0  # which call of the module in this run (0 = the first)
 
     @property
     def is_input(self) -> bool:
@@ -47,7 +72,7 @@ class Location:
 
     def describe(self, root_name: str = "model") -> str:
         where = f"{root_name}.{self.path}" if self.path else root_name
-        suffix = f" (call {self.call})" if self.call else ""
+        suffix = f" ({self.call})" if isinstance(self.call, Calls) else f" (call {self.call})" if self.call else ""
         return f"{where}.{self.key}{suffix}"
 
     def __str__(self) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from raysight.errors import InterventionError, MissedProviderError, OutOfOrderError
-from raysight.graph.node import Location, Node, Op, map_nodes
+from raysight.graph.node import Calls, Location, Node, Op, map_nodes
 from raysight.runtime.batching import Rows, narrow, replace_rows
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,10 @@ SKIPPED: Any = _Sentinel("skipped")
 FREED: Any = _Sentinel("freed")
 
 
+class _RegionEnd(Exception):
+    """An open-ended region (``.all()``) found no further call of its module: it is over."""
+
+
 class EarlyStop(Exception):
     """Raised inside the forward pass to end it when a STOP node runs (caught by the backend)."""
 
@@ -57,16 +61,35 @@ class Event:
 class Stream:
     """One invoke's body (or the code outside invokes), run as a generator."""
 
-    __slots__ = ("label", "rows", "gen", "waiting", "last_read", "pending", "done")
+    __slots__ = ("label", "rows", "gen", "waiting", "last_read", "pending", "done", "open_ended", "body", "wants",
+                 "missed")  # fmt: skip
 
-    def __init__(self, label: str, rows: Optional[Rows]) -> None:
+    def __init__(self, label: str, rows: Optional[Rows], open_ended: bool = False) -> None:
         self.label = label
+        self.open_ended = open_ended  # a region over every call: ends quietly when the module stops firing
         self.rows = rows
         self.gen: Optional[Iterator] = None
         self.waiting: Optional[Node] = None
         self.last_read: Optional[Location] = None
         self.pending: Optional[dict] = None  # events that fired while this stream was busy (ad-hoc hook=True)
         self.done = False
+        self.body: list = []
+        self.wants: Optional[set] = None  # the (event key, call) pairs this stream reads or writes
+        self.missed: Optional[dict] = None  # events it wanted that fired while it waited on something else
+
+    def wanted(self) -> set:
+        if self.wants is None:
+            wants = set()
+            stack = list(self.body)
+            while stack:
+                node = stack.pop()
+                if node.op is Op.READ or node.op is Op.WRITE:
+                    loc = node.target
+                    wants.add(((loc.path, loc.is_input), loc.call))
+                elif node.body is not None and node.op is not Op.INVOKE:
+                    stack.extend(node.body)
+            self.wants = wants
+        return self.wants
 
 
 class Interleaver:
@@ -86,11 +109,13 @@ class Interleaver:
         self.event: Optional[Event] = None
         self.finished = False
         self.executed = 0
-        self.deferred: set[int] = set()  # nodes owned by a gradient stream
+        self.deferred: set[int] = set()  # nodes owned by a gradient or multi-call stream
+        self.saved_values: dict[int, Any] = {}
         self.armed: list[tuple[Node, Stream]] = []  # gradient streams waiting for their backward pass
         self.streams: list[Stream] = []
         for body, rows, label in streams:
             stream = Stream(label, rows)
+            stream.body = body
             stream.gen = self._run_body(body, stream)
             self.streams.append(stream)
         self._ops = {
@@ -122,12 +147,18 @@ class Interleaver:
                         stream.pending = {}
                     stream.pending[(key, call)] = event
             self._advance()
+            for stream in self.streams:  # kept in case what a stream waits on never comes (see finish)
+                if stream.waiting is not None and not stream.done and (key, call) in stream.wanted():
+                    if stream.missed is None:
+                        stream.missed = {}
+                    stream.missed[(key, call)] = event
         finally:
             self.event = outer
         return event
 
     def finish(self) -> None:
-        """After the forward pass: run what is left; reads of modules that never fired are skipped."""
+        """After the forward pass: run what is left. Reads of modules that never fired are skipped, and reads
+        after them are served from the events their stream missed while it waited."""
         self.finished = True
         self.event = None
         self._advance()
@@ -139,9 +170,7 @@ class Interleaver:
             )
 
     def results(self) -> dict[int, Any]:
-        env = self.env
-        return {n.index: env[n.index] for n in self.nodes if n.saved and env[n.index] is not UNSET
-                and env[n.index] is not SKIPPED}  # fmt: skip
+        return self.saved_values
 
     def _advance(self) -> None:
         while True:
@@ -156,10 +185,13 @@ class Interleaver:
                 return
 
     # -- the stream body ------------------------------------------------------------------------------------
-    def _run_body(self, body: list[Node], stream: Stream) -> Iterator[None]:
-        env = self.env
+    def _run_body(
+        self, body: list[Node], stream: Stream, step: Optional[int] = None, owned: bool = False
+    ) -> Iterator[None]:
+        """Run ``body`` in order. ``step``: the call index of multi-call reads in a region's iteration; ``owned``:
+        ``body`` is a gradient or region stream's own list (its nodes are deferred from the stream they came from)."""
         for node in body:
-            if node.index in self.deferred:
+            if not owned and node.index in self.deferred:
                 continue
             op = node.op
             if op is Op.INVOKE:
@@ -174,22 +206,28 @@ class Interleaver:
                 continue
             event = None
             if op is Op.READ or op is Op.WRITE:
-                event = self._event_for(node, stream)
+                call = node.target.call
+                if type(call) is Calls:
+                    if step is None:
+                        self._arm_region(node, body, stream)
+                        continue
+                    call = step
+                event = self._event_for(node, stream, call)
                 while event is None:
                     if self.finished:
                         break
                     stream.waiting = node
                     yield
-                    event = self._event_for(node, stream)
+                    event = self._event_for(node, stream, call)
                 if event is None:
-                    self._unreached(node, stream)
+                    self._unreached(node, stream, call)
                     continue
                 if op is Op.READ:
                     stream.last_read = node.target
             elif op is Op.COND:
                 if self._load(node.args[0]):
                     self._set(node, True)
-                    yield from self._run_body(node.body, stream)
+                    yield from self._run_body(node.body, stream, step, owned)
                 else:
                     self._set(node, False)
                     for inner in node.body:
@@ -223,17 +261,27 @@ class Interleaver:
                 return False
         return True
 
-    def _event_for(self, node: Node, stream: Stream) -> Optional[Event]:
+    def _event_for(self, node: Node, stream: Stream, call: int) -> Optional[Event]:
         loc: Location = node.target
         key = (loc.path, loc.is_input)
         event = self.event
-        if event is not None and event.key == key and event.call == loc.call:
+        if event is not None and event.key == key and event.call == call:
             return event
         if stream.pending is not None:
-            event = stream.pending.pop((key, loc.call), None)
+            event = stream.pending.pop((key, call), None)
             if event is not None:
                 return event
-        if self.counts.get(key, 0) > loc.call:
+        if self.finished and stream.missed is not None and (key, call) in stream.missed:
+            if node.op is Op.WRITE:
+                raise annotate(
+                    OutOfOrderError(
+                        f"{loc} cannot be written in {stream.label}: the forward pass is over, because a read before "
+                        "it in this invoke waited for a module that never ran"
+                    ),
+                    node,
+                )
+            return stream.missed[(key, call)]
+        if self.counts.get(key, 0) > call:
             after = f" after {stream.last_read}" if stream.last_read else ""
             raise annotate(
                 OutOfOrderError(
@@ -244,14 +292,17 @@ class Interleaver:
             )
         return None
 
-    def _unreached(self, node: Node, stream: Stream) -> None:
+    def _unreached(self, node: Node, stream: Stream, call: int) -> None:
         loc: Location = node.target
         fired = self.counts.get((loc.path, loc.is_input), 0)
-        if fired and loc.call >= fired:
+        if stream.open_ended:
+            raise _RegionEnd()
+        if fired and call >= fired:
+            module = loc.describe().rsplit(".", 1)[0]
             raise annotate(
                 MissedProviderError(
-                    f"{loc} was requested in {stream.label}, but {loc.describe().rsplit('.', 1)[0]} ran only "
-                    f"{fired} time(s) in this run; call .next() at most {fired - 1} time(s) for it"
+                    f"{loc} asks for call {call} of {module} in {stream.label}, but {module} ran only {fired} "
+                    f"time(s) in this run (calls 0..{fired - 1}); use fewer .next() steps or valid .iter indices"
                 ),
                 node,
             )
@@ -271,7 +322,11 @@ class Interleaver:
     # -- values ---------------------------------------------------------------------------------------------
     def _set(self, node: Node, value: Any) -> None:
         self.executed += 1
-        self.env[node.index] = value if (node.num_users or node.saved) else FREED
+        if node.saved:
+            self.saved_values[node.index] = value
+            self.env[node.index] = value
+        else:
+            self.env[node.index] = value if node.num_users else FREED
         self._release(node)
 
     def _release(self, node: Node) -> None:
@@ -359,6 +414,45 @@ class Interleaver:
         print(*self._load(node.args), **self._load(node.kwargs))  # the user asked for it: tracer.log
         return None
 
+    # -- several calls of a module (.all(), .iter[...]) -------------------------------------------------------
+    def _arm_region(self, first: Node, body: list[Node], stream: Stream) -> None:
+        """Move the multi-call reads of ``first``'s scope, and every later node of ``body`` that depends on them,
+        into a stream that runs once per selected call; the rest of ``body`` stays here and runs once."""
+        calls: Calls = first.target.call
+        members: set[int] = set()
+        closure: list[Node] = []
+        for node in body[body.index(first) :]:
+            if node.index in self.deferred:
+                continue
+            loc = node.target if node.op is Op.READ or node.op is Op.WRITE else None
+            in_scope = loc is not None and type(loc.call) is Calls and loc.call.scope == calls.scope
+            if in_scope or any(d.index in members for d in node.deps):
+                members.add(node.index)
+                closure.append(node)
+        self.deferred |= members
+        pinned = 1 << 40  # values a region uses must survive every iteration
+        for node in closure:
+            self.remaining[node.index] = pinned
+            for dep in node.deps:
+                self.remaining[dep.index] = pinned
+        region = Stream(f"{stream.label} ({calls})", stream.rows, open_ended=calls.items is None
+                        and calls.stop is None)  # fmt: skip
+        region.gen = self._run_region(closure, calls, region)
+        self.streams.append(region)
+
+    def _run_region(self, closure: list[Node], calls: Calls, stream: Stream) -> Iterator[None]:
+        env = self.env
+        for step in calls.indices():
+            for node in closure:  # a fresh iteration: nothing of the last one counts as done
+                env[node.index] = UNSET
+            try:
+                yield from self._run_body(closure, stream, step, owned=True)
+            except _RegionEnd:
+                for node in closure:
+                    if env[node.index] is UNSET:
+                        env[node.index] = SKIPPED
+                return
+
     # -- gradients ------------------------------------------------------------------------------------------
     def _arm_grad(self, node: Node, body: list[Node], stream: Stream) -> None:
         """``x.grad``: if a backward() follows in this stream, run the GRAD node and everything that depends on
@@ -394,7 +488,7 @@ class Interleaver:
             self.env[node.index] = grad
             self.executed += 1
             self._release(node)
-            grad_stream.gen = self._run_body(closure[1:], grad_stream)
+            grad_stream.gen = self._run_body(closure[1:], grad_stream, owned=True)
             self.streams.append(grad_stream)
             try:
                 next(grad_stream.gen)

@@ -7,13 +7,15 @@ exit the graph and inputs go to a backend as one request; the saved values come 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+import sys
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from raysight.backends.base import InvokeInputs, Request
 from raysight.errors import TraceError
 from raysight.graph.graph import Graph
-from raysight.graph.node import Node, Op, user_source
+from raysight.graph.node import Calls, Node, Op, user_source
 from raysight.graph.proxy import _CURRENT, Proxy, current_recorder
+from raysight.tracing import creation
 
 if TYPE_CHECKING:
     from raysight.models.nnsight import NNsight
@@ -44,7 +46,8 @@ class Tracer:
         self._invoker: Optional[Invoker] = None
         self._implicit: Optional[Invoker] = None
         self._saved: list[Proxy] = []
-        self._calls: dict[str, int] = {}
+        self._calls: dict[str, Union[int, Calls]] = {}
+        self._scopes = 0
         self._token: Any = None
 
     # -- the recorder protocol ------------------------------------------------------------------------------
@@ -87,12 +90,26 @@ class Tracer:
         return a
 
     # -- calls of modules that run more than once -----------------------------------------------------------
-    def call_index(self, path: str) -> int:
+    def call_index(self, path: str) -> Union[int, Calls]:
+        """Which call(s) of the module at ``path`` an access made now refers to."""
         return self._calls.get(path, 0)
 
     def advance(self, paths: list[str], steps: int = 1) -> None:
+        """``.next()``: later accesses of these modules refer to their next call."""
+        calls = self._calls
         for path in paths:
-            self._calls[path] = self._calls.get(path, 0) + steps
+            current = calls.get(path, 0)
+            calls[path] = (current.start if isinstance(current, Calls) else current) + steps
+
+    def select_calls(self, paths: list[str], selection: Any) -> "CallScope":
+        """``.all()`` / ``.iter[...]``: later accesses of these modules refer to several calls."""
+        self._scopes += 1
+        if selection is None:  # .all(): this call and every later one
+            start = self.call_index(paths[0]) if paths else 0
+            calls = Calls(start.start if isinstance(start, Calls) else start, None, None, self._scopes)
+        else:
+            calls = _parse_calls(selection, self._scopes)
+        return CallScope(self, paths, calls)
 
     # -- the user's API -------------------------------------------------------------------------------------
     def invoke(self, *inputs: Any, **kwargs: Any) -> "Invoker":
@@ -123,8 +140,11 @@ class Tracer:
                 "a trace was opened inside another trace; close the first one, or group traces in "
                 "`with model.session():`"
             )
+        if "einops" in sys.modules and "raysight.tracing.einops_backend" not in sys.modules:
+            import raysight.tracing.einops_backend  # noqa: F401 - defining the backend registers it with einops
         self._token = _CURRENT.set(self)
         self.recording = True
+        creation.enable()
         if self._inputs:
             self._implicit = Invoker(self, self._inputs, self._invoker_kwargs)
             try:
@@ -151,6 +171,7 @@ class Tracer:
     def _close(self) -> None:
         self.recording = False
         if self._token is not None:
+            creation.disable()
             _CURRENT.reset(self._token)
             self._token = None
 
@@ -226,3 +247,51 @@ class Block:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         self.recorder.graph.exit()
         return False
+
+
+class CallScope:
+    """Applies a multi-call selection at once (statement form, sticky) and undoes it when used as ``with``."""
+
+    def __init__(self, tracer: Tracer, paths: list[str], calls: Calls) -> None:
+        self._tracer = tracer
+        self._previous = {p: tracer._calls.get(p) for p in paths}
+        for path in paths:
+            tracer._calls[path] = calls
+        self.calls = calls
+
+    def __enter__(self) -> "CallScope":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        calls = self._tracer._calls
+        for path, previous in self._previous.items():
+            if previous is None:
+                calls.pop(path, None)
+            else:
+                calls[path] = previous
+        return False
+
+
+def _parse_calls(selection: Any, scope: int) -> Calls:
+    hint = "use envoy.iter[i], envoy.iter[a:b] or envoy.iter[[i, j]] with non-negative call indices"
+    if isinstance(selection, int) and not isinstance(selection, bool):
+        if selection < 0:
+            raise IndexError(f"iter[{selection}]: call indices count from 0; {hint}")
+        return Calls(items=(selection,), scope=scope)
+    if isinstance(selection, slice):
+        start = 0 if selection.start is None else selection.start
+        step = 1 if selection.step is None else selection.step
+        if not all(isinstance(v, int) for v in (start, step)) or start < 0 or step < 1:
+            raise IndexError(f"iter[{selection}] is not a valid selection of calls; {hint}")
+        if selection.stop is None:
+            if step != 1:
+                raise IndexError(f"iter[{selection}]: an open-ended slice cannot have a step; {hint}")
+            return Calls(start, None, None, scope)
+        if not isinstance(selection.stop, int) or selection.stop < start:
+            raise IndexError(f"iter[{selection}] is not a valid selection of calls; {hint}")
+        return Calls(items=tuple(range(start, selection.stop, step)), scope=scope)
+    if isinstance(selection, (list, tuple)):
+        if not selection or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in selection):
+            raise IndexError(f"iter[{list(selection)}] is not a valid selection of calls; {hint}")
+        return Calls(items=tuple(sorted(set(selection))), scope=scope)
+    raise TypeError(f"iter[...] takes an int, a slice or a list of ints, not {type(selection).__name__}; {hint}")

@@ -1,0 +1,243 @@
+"""Shared fixtures: tiny torch models built with a fixed seed, and helpers to compute oracles with plain PyTorch.
+
+Every oracle here is computed by running the *torch* module directly (or with a hand-written forward hook),
+never by asking raysight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import raysight
+
+
+# -- tiny models ---------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1 = nn.Linear(5, 10)
+        self.layer2 = nn.Linear(10, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(self.layer1(x))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d, d)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.linear(x)) + x
+
+
+class Stack(nn.Module):
+    """embed -> ModuleList of 3 residual blocks -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.layers = nn.ModuleList([Block(6) for _ in range(3)])
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+class Pair(nn.Module):
+    """A module that returns a tuple (hidden, gate), both with the batch as first dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.proj(x)
+        return h, torch.tanh(h)
+
+
+class TupleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = Pair()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, g = self.pair(x)
+        return self.head(h * g)
+
+
+class Scaler(nn.Module):
+    def forward(self, h: torch.Tensor, scale: float = 1.0, mask: Any = None) -> torch.Tensor:
+        out = h * scale
+        if mask is not None:
+            out = out * mask
+        return out
+
+
+class KwNet(nn.Module):
+    """forward takes keyword arguments and passes them on to a submodule as keywords."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scaler = Scaler()
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0, mask: Any = None) -> torch.Tensor:
+        return self.scaler(self.lin(x), scale=scale, mask=mask)
+
+
+# -- fixtures ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def mlp() -> MLP:
+    torch.manual_seed(0)
+    return MLP()
+
+
+@pytest.fixture
+def model(mlp: MLP) -> raysight.NNsight:
+    return raysight.NNsight(mlp)
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 5, generator=g)
+
+
+@pytest.fixture
+def xb() -> torch.Tensor:
+    """A second input of another batch size (3 rows)."""
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(3, 5, generator=g)
+
+
+@pytest.fixture
+def stack() -> Stack:
+    torch.manual_seed(0)
+    return Stack()
+
+
+@pytest.fixture
+def stack_model(stack: Stack) -> raysight.NNsight:
+    return raysight.NNsight(stack)
+
+
+@pytest.fixture
+def x4() -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2, 4, generator=g)
+
+
+@pytest.fixture
+def tuple_net() -> TupleNet:
+    torch.manual_seed(0)
+    return TupleNet()
+
+
+@pytest.fixture
+def tuple_model(tuple_net: TupleNet) -> raysight.NNsight:
+    return raysight.NNsight(tuple_net)
+
+
+@pytest.fixture
+def kw_net() -> KwNet:
+    torch.manual_seed(0)
+    return KwNet()
+
+
+@pytest.fixture
+def kw_model(kw_net: KwNet) -> raysight.NNsight:
+    return raysight.NNsight(kw_net)
+
+
+# -- oracle helpers ------------------------------------------------------------------------------------------
+def capture(root: nn.Module, module: nn.Module, *args: Any, **kwargs: Any) -> dict:
+    """Run ``root(*args, **kwargs)`` with a plain forward hook on ``module``; return its args, kwargs, output and
+    the root's output."""
+    seen: dict = {}
+
+    def hook(mod: nn.Module, a: tuple, kw: dict, out: Any) -> None:
+        seen.setdefault("args", a)
+        seen.setdefault("kwargs", kw)
+        seen.setdefault("output", out)
+
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    try:
+        seen["root"] = root(*args, **kwargs)
+    finally:
+        handle.remove()
+    return seen
+
+
+def run_with_hook(root: nn.Module, module: nn.Module, fn: Callable[[Any], Any], *args: Any) -> Any:
+    """Run ``root(*args)`` with a forward hook on ``module`` that returns ``fn(output)`` (None keeps it)."""
+    handle = module.register_forward_hook(lambda mod, a, out: fn(out))
+    try:
+        return root(*args)
+    finally:
+        handle.remove()
+
+
+class CallCounter:
+    """Counts forward calls of some modules with plain forward hooks (removed on exit)."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        self.modules = modules
+        self.counts = [0] * len(modules)
+        self._handles: list = []
+
+    def __enter__(self) -> "CallCounter":
+        for i, m in enumerate(self.modules):
+            self._handles.append(m.register_forward_hook(self._make(i)))
+        return self
+
+    def _make(self, i: int) -> Callable:
+        def hook(mod: nn.Module, a: tuple, out: Any) -> None:
+            self.counts[i] += 1
+
+        return hook
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __getitem__(self, i: int) -> int:
+        return self.counts[i]
+
+
+@pytest.fixture
+def count_calls() -> Callable[..., CallCounter]:
+    return CallCounter
+
+
+def assert_no_hooks(root: nn.Module) -> None:
+    for name, m in root.named_modules():
+        assert not m._forward_hooks, f"forward hook left on {name or 'root'}: {dict(m._forward_hooks)}"
+        assert not m._forward_pre_hooks, f"forward pre-hook left on {name or 'root'}: {dict(m._forward_pre_hooks)}"
+
+
+@contextlib.contextmanager
+def unchanged(root: nn.Module) -> Iterator[None]:
+    """Assert on exit that no parameter or buffer of ``root`` changed and no hook is left."""
+    before = {k: v.detach().clone() for k, v in root.state_dict().items()}
+    yield
+    after = root.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} changed"
+    assert_no_hooks(root)
+
+
+def notes_text(exc: BaseException) -> str:
+    return str(exc) + "\n" + "\n".join(getattr(exc, "__notes__", []) or [])

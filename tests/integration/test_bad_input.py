@@ -1,0 +1,148 @@
+"""Bad input gives a clear, specific error, runs nothing, and leaves the torch module as it was (no hooks, same
+weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import raysight
+from conftest import unchanged
+
+UNSET_MESSAGE = r"Accessing value before it's been set\."
+
+
+def test_reading_a_missing_module_in_a_trace(stack_model, stack, x4, count_calls):
+    with unchanged(stack), count_calls(stack) as calls:
+        with pytest.raises(AttributeError, match="decoder") as info:
+            with stack_model.trace(x4):
+                stack_model.decoder.output.save()
+    assert "model" in str(info.value)
+    assert calls[0] == 0
+
+
+def test_indexing_past_a_modulelist_in_a_trace(stack_model, stack, x4, count_calls):
+    with unchanged(stack), count_calls(stack) as calls:
+        with pytest.raises(IndexError, match=r"model\.layers") as info:
+            with stack_model.trace(x4):
+                stack_model.layers[7].output.save()
+    assert "7" in str(info.value)
+    assert calls[0] == 0
+
+
+def test_setting_a_tensor_output_to_a_tuple_raises_structure_error(model, mlp, x):
+    with unchanged(mlp):
+        with pytest.raises(raysight.StructureError, match=r"layer1\.output"):
+            with model.trace(x):
+                model.layer1.output = (torch.zeros(2, 10),)
+
+
+def test_setting_a_tuple_output_to_a_tensor_raises_structure_error(tuple_model, tuple_net, x4):
+    with unchanged(tuple_net):
+        with pytest.raises(raysight.StructureError, match=r"pair\.output"):
+            with tuple_model.trace(x4):
+                tuple_model.pair.output = tuple_model.pair.output[0]
+
+
+def test_setting_a_tuple_output_to_a_shorter_tuple_raises_structure_error(tuple_model, tuple_net, x4):
+    with unchanged(tuple_net):
+        with pytest.raises(raysight.StructureError):
+            with tuple_model.trace(x4):
+                tuple_model.pair.output = (tuple_model.pair.output[0],)
+
+
+def test_replacing_an_invokes_rows_with_the_wrong_shape_raises_structure_error(model, mlp, x, xb):
+    with unchanged(mlp):
+        with pytest.raises(raysight.StructureError):
+            with model.trace() as tracer:
+                with tracer.invoke(x):
+                    model.layer1.output = torch.zeros(4, 10)
+                with tracer.invoke(xb):
+                    pass
+
+
+def test_value_too_early_inside_the_with_block(model, mlp, x, count_calls):
+    with unchanged(mlp), count_calls(mlp) as calls:
+        with pytest.raises(ValueError, match=UNSET_MESSAGE):
+            with model.trace(x):
+                model.output.save().value
+    assert calls[0] == 0
+
+
+def test_nesting_invokes_raises_trace_error(model, mlp, x, xb, count_calls):
+    with unchanged(mlp), count_calls(mlp) as calls:
+        with pytest.raises(raysight.TraceError, match="nested"):
+            with model.trace() as tracer:
+                with tracer.invoke(x):
+                    with tracer.invoke(xb):
+                        pass
+    assert calls[0] == 0
+
+
+def test_invoke_inside_a_trace_given_an_input_raises_trace_error(model, mlp, x, xb, count_calls):
+    with unchanged(mlp), count_calls(mlp) as calls:
+        with pytest.raises(raysight.TraceError):
+            with model.trace(x) as tracer:
+                with tracer.invoke(xb):
+                    pass
+    assert calls[0] == 0
+
+
+def test_trace_with_no_input_raises_trace_error(model, mlp, count_calls):
+    with unchanged(mlp), count_calls(mlp) as calls:
+        with pytest.raises(raysight.TraceError, match="invoke"):
+            with model.trace():
+                model.layer1.output.save()
+    assert calls[0] == 0
+
+
+def test_nested_traces_raise_trace_error(model, mlp, x, count_calls):
+    with unchanged(mlp), count_calls(mlp) as calls:
+        with pytest.raises(raysight.TraceError):
+            with model.trace(x):
+                with model.trace(x):
+                    pass
+    assert calls[0] == 0
+
+
+def test_exception_in_the_with_block_propagates_and_nothing_runs(model, mlp, x, count_calls):
+    class Boom(Exception):
+        pass
+
+    with unchanged(mlp), count_calls(mlp, mlp.layer1, mlp.layer2) as calls:
+        with pytest.raises(Boom):
+            with model.trace(x):
+                model.layer1.output[:] = 0
+                model.output.save()
+                raise Boom("user code failed")
+    assert calls.counts == [0, 0, 0]
+
+
+def test_model_works_normally_after_a_failed_trace(model, mlp, x):
+    with pytest.raises(raysight.StructureError):
+        with model.trace(x):
+            model.layer1.output = (torch.zeros(2, 10),)
+    with pytest.raises(raysight.OutOfOrderError):
+        with model.trace(x):
+            model.layer2.output.save()
+            model.layer1.output.save()
+    with model.trace(x):
+        h = model.layer1.output.save()
+        out = model.output.save()
+    assert torch.allclose(h.value, mlp.layer1(x))
+    assert torch.allclose(out.value, mlp(x))
+    # and the plain torch module is untouched by the failures
+    assert torch.allclose(mlp(x), mlp.layer2(mlp.layer1(x)))
+
+
+def test_runtime_failure_after_modules_fired_leaves_no_hooks(stack_model, stack, x4):
+    with unchanged(stack):
+        with pytest.raises(RuntimeError):
+            with stack_model.trace(x4):
+                h = stack_model.layers[1].output
+                stack_model.layers[1].output = h @ torch.ones(5, 5)  # wrong inner dimension
+
+
+def test_wrapping_something_that_is_not_a_module_raises_type_error():
+    with pytest.raises(TypeError, match="Module"):
+        raysight.NNsight(lambda t: t)
