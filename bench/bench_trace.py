@@ -425,7 +425,7 @@ def case3(cfg: argparse.Namespace, gpt) -> tuple[list[Row], dict]:
     }
 
 
-def case4(cfg: argparse.Namespace, gpt, gpt_raw_us: Optional[float]) -> tuple[list[Row], dict]:
+def case4(cfg: argparse.Namespace, gpt) -> tuple[list[Row], dict]:
     rows: list[Row] = []
     extra: dict = {}
 
@@ -505,13 +505,13 @@ def case4(cfg: argparse.Namespace, gpt, gpt_raw_us: Optional[float]) -> tuple[li
             h = block(h)
         check("case 4 gpt hook", want, m.ln_f(h))
         check("case 4 gpt raysight", g_rs(), want)
-        impls = {"hand hook zero h[5] (reg+remove)": ghook, "raysight zero h[5]+read": g_rs}
+        impls = {"raw forward": lambda: m(x), "hand hook zero h[5] (reg+remove)": ghook,
+                 "raysight zero h[5]+read": g_rs}  # fmt: skip
         if cfg.gpt_nnsight_zero:
             check("case 4 gpt nnsight", g_nn(), want)
             impls["nnsight zero h[5]+read"] = g_nn
         res = measure(impls, blocks=cfg.gpt_reps, block_ms=0, warmup_ms=0, fixed_calls=1)
-    big = rows_for(f"4 zero h[5], GPT-2 {tuple(x.shape)}", res, None, "hand hook zero h[5] (reg+remove)",
-                   raw_us=gpt_raw_us)  # fmt: skip
+    big = rows_for(f"4 zero h[5], GPT-2 {tuple(x.shape)}", res, "raw forward", "hand hook zero h[5] (reg+remove)")
     rows += big
     by = {r.impl: r for r in big}
     extra["gpt_raysight_over_hook"] = by["raysight zero h[5]+read"].ratio
@@ -659,7 +659,7 @@ def main() -> int:
     if got:
         rows += got[0]
         extra["case3"] = got[1]
-    got = run(4, "4", case4, cfg, gpt if 4 in cases else None, extra.get("case3", {}).get("raw_us"))
+    got = run(4, "4", case4, cfg, gpt if 4 in cases else None)
     if got:
         rows += got[0]
         extra["case4"] = got[1]
@@ -668,8 +668,6 @@ def main() -> int:
 
     print_table(rows)
     print()
-    if "case4" in extra and "gpt_raysight_over_hook" in extra["case4"] and "case3" in extra:
-        print("case 4 GPT rows: 'added' is over case 3's raw forward (same model and input).")
 
     print("comparisons:")
     c1, c2, c3, c4 = (extra.get(f"case{i}") for i in (1, 2, 3, 4))

@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 from raysight.backends.base import Request
 from raysight.graph.node import Op
+from raysight.graph.passes import EDIT_INVOKE
 from raysight.runtime.batching import Rows
 from raysight.runtime.hooks import HookSet
 from raysight.runtime.interpreter import EarlyStop, Interleaver
@@ -34,7 +35,9 @@ def _streams(body: list, request: Request) -> list[tuple[list, Optional[Rows], s
     total = sum(sizes)
     streams: list[tuple[list, Optional[Rows], str]] = []
     for node in body:
-        if node.op is Op.INVOKE:
+        if node.op is Op.INVOKE and node.target == EDIT_INVOKE:
+            streams.append((node.body, None, "an edit of the model"))
+        elif node.op is Op.INVOKE:
             i = node.target
             whole = sizes[i] == total or sizes[i] == 0  # an invoke without input sees the whole batch
             rows = None if whole else Rows(sum(sizes[:i]), sizes[i], total)

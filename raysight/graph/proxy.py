@@ -132,6 +132,10 @@ class Proxy:
             return getattr(self.value, name)
         if name == "grad":
             return rec.record(Op.GRAD, None, (self,))
+        if name in _CONCRETE:
+            meta = _meta(rec, self)
+            if meta is not None:
+                return _concrete(meta, name)
         return _AttrProxy(self, name, rec)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -174,16 +178,24 @@ class Proxy:
         )
 
     def __iter__(self) -> Any:
-        if _recording() is None:
+        rec = _recording()
+        if rec is None:
             return iter(self.value)
+        meta = _meta(rec, self)
+        if meta is not None:
+            return iter([self[i] for i in range(len(meta))])
         raise TraceError(
             f"Iterating over a proxy ({self._describe()}) cannot be recorded: its length is unknown while tracing. "
             "Index it (`proxy[0]`, `proxy[1]`), or loop with `with session.iter(proxy) as item:`."
         )
 
     def __len__(self) -> int:
-        if _recording() is None:
+        rec = _recording()
+        if rec is None:
             return len(self.value)
+        meta = _meta(rec, self)
+        if meta is not None:
+            return len(meta)
         raise TraceError(
             f"len() of a proxy ({self._describe()}) is unknown while tracing. Use `proxy.shape[0]` for a tensor, "
             "or `raysight.apply(len, proxy)` to compute it when the graph runs."
@@ -274,6 +286,25 @@ class _AttrProxy(Proxy):
         if self._node is not None:  # the attribute was used as a value already: call that value
             return rec.record(Op.CALL_FUNCTION, _call, (self, *args), kwargs)
         return rec.record(Op.CALL_METHOD, self._attr, (self._obj, *args), kwargs)
+
+
+_CONCRETE = frozenset({"shape", "dtype", "device", "ndim"})
+
+
+def _meta(rec: Recorder, proxy: Proxy) -> Any:
+    """The fake value of ``proxy`` when its trace scans (``scan=True``), else None."""
+    meta_of = getattr(rec, "meta_of", None)
+    return meta_of(proxy) if meta_of is not None else None
+
+
+def _concrete(meta: Any, name: str) -> Any:
+    if isinstance(meta, (list, tuple)):
+        return type(meta)(_concrete(m, name) for m in meta) if type(meta) in (list, tuple) else tuple(
+            _concrete(m, name) for m in meta
+        )
+    if isinstance(meta, dict):
+        return {k: _concrete(v, name) for k, v in meta.items()}
+    return getattr(meta, name, None)
 
 
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:

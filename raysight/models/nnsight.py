@@ -24,7 +24,31 @@ class NNsight(Envoy):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, got {type(module).__name__}")
         self.__dict__["_rename"] = dict(rename or {})
+        self.__dict__["_edits"] = []
         super().__init__(module, "", None)
+
+    # -- persistent edits -----------------------------------------------------------------------------------
+    def edit(self, *inputs: Any, inplace: bool = False, validate: Optional[bool] = None, **kwargs: Any) -> "Edit":
+        """``with model.edit() as edited:`` records interventions that run in every later trace of ``edited`` (a
+        copy sharing the weights); ``inplace=True`` edits ``model`` itself. With an input the edit is checked on
+        fake tensors first (``validate``), so a broken edit fails here, not on the next trace."""
+        target = self if inplace else self._copy()
+        check = bool(inputs) if validate is None else validate
+        return Edit(self, target, inputs, kwargs, check)
+
+    def clear_edits(self) -> None:
+        """Remove every persistent edit of this model."""
+        self._edits.clear()
+
+    def _copy(self) -> "NNsight":
+        """A wrapper of the same module (shared weights) with its own envoy tree and its own copy of the edits."""
+        copy = object.__new__(type(self))
+        for name, value in self.__dict__.items():
+            if not isinstance(value, Envoy) and name not in ("_by_path", "_children", "_subtree"):
+                copy.__dict__[name] = value
+        copy.__dict__["_edits"] = list(self._edits)
+        Envoy.__init__(copy, self._module, "", None)
+        return copy
 
     def trace(
         self,
@@ -32,13 +56,16 @@ class NNsight(Envoy):
         trace: bool = True,
         invoker_args: Optional[dict] = None,
         invoker_kwargs: Optional[dict] = None,
+        scan: bool = False,
+        validate: bool = False,
         backend: Any = None,
         **kwargs: Any,
     ) -> Any:
         """``with model.trace(x) as tracer:`` records interventions and runs the model once on exit.
 
         ``kwargs`` go to the model's forward; ``invoker_args`` (alias ``invoker_kwargs``) to input preparation.
-        With ``trace=False`` the model runs at once and its output is returned.
+        With ``trace=False`` the model runs at once and its output is returned. ``scan=True`` gives proxies concrete
+        shapes while tracing (a fake run first); ``validate=True`` also checks every operation on fake values.
         """
         if not trace:
             args, kw, _ = self._prepare_input(*inputs, **(invoker_args or invoker_kwargs or {}))
@@ -49,7 +76,13 @@ class NNsight(Envoy):
             invoker_kwargs=invoker_args or invoker_kwargs,
             forward_kwargs=kwargs,
             backend=backend,
+            scan=scan,
+            validate=validate,
         )
+
+    def scan(self, *inputs: Any, validate: bool = False, **kwargs: Any) -> Tracer:
+        """``with model.scan(x): dim = model.layer1.output.shape[-1]`` — shapes from a fake run; nothing real runs."""
+        return Tracer(self, inputs, forward_kwargs=kwargs, scan=True, validate=validate, execute=False)
 
     # -- extension points for model kinds -------------------------------------------------------------------
     def _prepare_input(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict, int]:
@@ -71,3 +104,21 @@ class NNsight(Envoy):
         if envoy is None:
             return self._module.get_submodule(path)
         return envoy._module
+
+
+class Edit:
+    """The context of ``model.edit()``: records with a tracer that never runs, then stores the graph as an edit."""
+
+    def __init__(self, model: NNsight, target: NNsight, inputs: tuple, kwargs: dict, validate: bool) -> None:
+        self._target = target
+        self._tracer = Tracer(model, inputs, invoker_kwargs=kwargs, validate=validate, execute=False)
+
+    def __enter__(self) -> NNsight:
+        self._tracer.__enter__()
+        return self._target
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self._tracer.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            self._target._edits.append(self._tracer.graph)
+        return False

@@ -111,6 +111,7 @@ class Interleaver:
         self.executed = 0
         self.deferred: set[int] = set()  # nodes owned by a gradient or multi-call stream
         self.saved_values: dict[int, Any] = {}
+        self.grad_overrides: dict[int, Any] = {}  # tensor node -> gradient set while its hook runs
         self.armed: list[tuple[Node, Stream]] = []  # gradient streams waiting for their backward pass
         self.streams: list[Stream] = []
         for body, rows, label in streams:
@@ -407,7 +408,11 @@ class Interleaver:
 
     def set_grad(self, node: Node, stream: Stream, event: Any) -> None:
         tensor, grad = self._load(node.args)
-        tensor.grad = grad
+        key = node.args[0].index
+        if key in self.grad_overrides:  # inside that tensor's gradient hook: replaces the flowing gradient
+            self.grad_overrides[key] = grad
+        else:
+            tensor.grad = grad
         return None
 
     def log(self, node: Node, stream: Stream, event: Any) -> None:
@@ -482,29 +487,22 @@ class Interleaver:
         armed = (node, grad_stream)
         self.armed.append(armed)
 
-        def on_grad(grad: torch.Tensor) -> Optional[torch.Tensor]:
+        key = node.args[0].index
+
+        def on_grad(grad: torch.Tensor) -> torch.Tensor:
             handle.remove()
             self.armed.remove(armed)
-            self.env[node.index] = grad
-            self.executed += 1
-            self._release(node)
+            self._set(node, grad)
+            self.grad_overrides[key] = grad
             grad_stream.gen = self._run_body(closure[1:], grad_stream, owned=True)
             self.streams.append(grad_stream)
             try:
                 next(grad_stream.gen)
             except StopIteration:
                 grad_stream.done = True
-            replaced = self._replaced_grad(closure, tensor)
-            return replaced
+            return self.grad_overrides.pop(key)  # the gradient, edited in place or replaced
 
         handle = tensor.register_hook(on_grad)
-
-    def _replaced_grad(self, closure: list[Node], tensor: torch.Tensor) -> Optional[torch.Tensor]:
-        for n in reversed(closure):
-            if n.op is Op.SET_GRAD and self.env[n.index] is not UNSET:
-                value = self._load(n.args[1])
-                return value
-        return None
 
 
 def _select(value: Any, key: str) -> Any:

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from raysight.backends.base import InvokeInputs, Request
 from raysight.errors import TraceError
 from raysight.graph.graph import Graph
+from raysight.graph.passes import with_edits
 from raysight.graph.node import Calls, Node, Op, user_source
 from raysight.graph.proxy import _CURRENT, Proxy, current_recorder
 from raysight.tracing import creation
+from raysight.tracing import scan as scan_mod
 
 if TYPE_CHECKING:
     from raysight.models.nnsight import NNsight
@@ -33,6 +35,9 @@ class Tracer:
         forward_kwargs: Optional[dict] = None,
         backend: Any = None,
         method: str = "forward",
+        scan: bool = False,
+        validate: bool = False,
+        execute: bool = True,
     ) -> None:
         self.model = model
         self.graph = Graph()
@@ -49,12 +54,69 @@ class Tracer:
         self._calls: dict[str, Union[int, Calls]] = {}
         self._scopes = 0
         self._token: Any = None
+        self._scan = scan or validate
+        self._validate = validate
+        self._execute = execute
+        self._mode: Any = None  # the FakeTensorMode of scans, created on first use
+        self._meta: dict[int, Any] = {}
+        self._full_scan: Any = None
 
     # -- the recorder protocol ------------------------------------------------------------------------------
     def record(self, op: Op, target: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Proxy:
         graph = self.graph
         node = graph.add(op, target, self._to_arg(args), self._to_arg(kwargs) if kwargs else None, user_source(1))
+        if self._mode is not None:
+            self._record_meta(node)
         return Proxy(node, self)
+
+    # -- scanning: fake values while tracing ----------------------------------------------------------------
+    def meta_of(self, proxy: Proxy) -> Any:
+        """The fake value of a proxy of this trace (scan=True), or None when it is unknown."""
+        if self._mode is None or proxy._recorder.graph is not self.graph:
+            return None
+        value = self._meta.get(proxy.node.index, scan_mod.NO_META)
+        return None if value is scan_mod.NO_META else value
+
+    def fake_mode(self) -> Any:
+        if self._mode is None:
+            self._mode = scan_mod.new_fake_mode()
+        return self._mode
+
+    def scan_inputs(self, args: tuple, kwargs: dict) -> "scan_mod.Scan":
+        model = self.model
+        modules = {path: envoy._module for path, envoy in model._by_path.items()}
+        run = lambda a, k: model._execute("forward", a, {**k, **self._forward_kwargs})  # noqa: E731
+        return scan_mod.Scan(self.fake_mode(), model._module, modules, run, args, kwargs)
+
+    def _record_meta(self, node: Node) -> None:
+        meta = self._meta
+        lookup = lambda n: meta.get(n.index, scan_mod.NO_META)  # noqa: E731
+        try:
+            if node.op is Op.READ:
+                scan = self._invoker.scan if self._invoker is not None else self._batch_scan()
+                value = scan.value_at(node.target) if scan is not None else scan_mod.NO_META
+            elif node.op is Op.WRITE:
+                if self._validate:
+                    scan = self._invoker.scan if self._invoker is not None else self._batch_scan()
+                    current = scan.value_at(node.target) if scan is not None else scan_mod.NO_META
+                    scan_mod.check_write(node, current, lookup(node.args[0]) if node.deps else node.args[0])
+                return
+            else:
+                value = scan_mod.compute_meta(self._mode, node, lookup, self.model._module_at)
+        except Exception as exc:
+            if self._validate:
+                from raysight.runtime.interpreter import annotate
+
+                raise annotate(exc, node) from None
+            value = scan_mod.NO_META
+        meta[node.index] = value
+
+    def _batch_scan(self) -> Any:
+        """The scan of the whole batch, for reads outside invokes."""
+        if self._full_scan is None and self.invokes:
+            args, kwargs = self.model._batch_inputs(self.invokes)
+            self._full_scan = self.scan_inputs(args, kwargs)
+        return self._full_scan
 
     def mark_saved(self, proxy: Proxy) -> None:
         node = proxy.node
@@ -158,7 +220,7 @@ class Tracer:
         if self._implicit is not None and self._invoker is self._implicit:
             self._implicit.__exit__(exc_type, exc, tb)
         self._close()
-        if exc_type is not None:
+        if exc_type is not None or not self._execute:
             return False
         if not self.invokes:
             raise TraceError(
@@ -176,7 +238,8 @@ class Tracer:
             self._token = None
 
     def request(self) -> Request:
-        return Request(self.graph, self.invokes, self._forward_kwargs, self._method)
+        graph = with_edits(self.graph, self.model._edits)
+        return Request(graph, self.invokes, self._forward_kwargs, self._method)
 
     def _run(self) -> None:
         backend = self._backend
@@ -204,6 +267,7 @@ class Invoker:
         self.kwargs: dict = {}
         self.batch_size = 0
         self.index = -1
+        self.scan: Any = None
 
     def __enter__(self) -> "Invoker":
         tracer = self.tracer
@@ -218,8 +282,13 @@ class Invoker:
         if tracer.graph.depth:
             raise TraceError("tracer.invoke() must be opened directly in the trace, not inside a cond block")
         inputs, kwargs = self._raw
+        kwargs = dict(kwargs)
+        scan = kwargs.pop("scan", False) or tracer._scan
         args, kwargs, batch_size = tracer.model._prepare_input(*inputs, **kwargs)
         self.inputs, self.kwargs, self.batch_size = args, kwargs, batch_size
+        if scan and batch_size:
+            self.scan = tracer.scan_inputs(args, kwargs)
+        tracer._full_scan = None
         self.index = len(tracer.invokes)
         tracer.invokes.append(InvokeInputs(args, kwargs, batch_size))
         node = tracer.graph.add(Op.INVOKE, self.index, source=user_source(1))

@@ -1,0 +1,48 @@
+"""Transformations of graphs as data."""
+
+from __future__ import annotations
+
+from raysight.graph.graph import Graph
+from raysight.graph.node import Node, Op, map_nodes
+
+EDIT_INVOKE = -1  # the target of an INVOKE node that wraps a persistent edit: it sees the whole batch
+
+
+def with_edits(graph: Graph, edits: list[Graph]) -> Graph:
+    """``graph`` preceded by a copy of each edit graph, each wrapped in an INVOKE(-1) node that runs first and sees
+    the whole batch. ``graph``'s own nodes keep their indices (saved values are found by index)."""
+    if not edits:
+        return graph
+    merged = Graph()
+    merged.nodes.extend(graph.nodes)
+    for edit in edits:
+        wrapper = merged.add(Op.INVOKE, EDIT_INVOKE, source=None)
+        merged.body.remove(wrapper)
+        merged.body.append(wrapper)
+        merged.enter(wrapper)
+        _copy_body(_flatten_invokes(edit.body), merged, {})
+        merged.exit()
+    merged.body[:] = merged.body[-len(edits) :] + graph.body
+    return merged
+
+
+def _flatten_invokes(body: list[Node]) -> list[Node]:
+    flat: list[Node] = []
+    for node in body:
+        if node.op is Op.INVOKE:
+            flat.extend(node.body or [])
+        else:
+            flat.append(node)
+    return flat
+
+
+def _copy_body(body: list[Node], into: Graph, mapping: dict[int, Node]) -> None:
+    for node in body:
+        args = map_nodes(node.args, lambda n: mapping[n.index])
+        kwargs = map_nodes(node.kwargs, lambda n: mapping[n.index])
+        copy = into.add(node.op, node.target, args, kwargs, node.source)
+        mapping[node.index] = copy
+        if node.body is not None:
+            into.enter(copy)
+            _copy_body(node.body, into, mapping)
+            into.exit()
