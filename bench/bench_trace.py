@@ -519,6 +519,21 @@ def case4(cfg: argparse.Namespace, gpt) -> tuple[list[Row], dict]:
     return rows, extra
 
 
+def raysight_revision() -> str:
+    """The git commit raysight was imported from, with "+dirty" when its files differ from that commit."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(raysight.__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "raysight"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + ("+dirty" if dirty else "")) if head else "unknown"
+
+
 def rss_bytes() -> int:
     try:
         with open("/proc/self/status") as f:
@@ -627,7 +642,8 @@ def main() -> int:
         cfg.gpt_nnsight_zero = False  # one more 1 s forward x 15: left out to keep the run under ~3 minutes
 
     t_start = time.perf_counter()
-    print(f"raysight {raysight.__version__} | nnsight {nnsight.__version__} | torch {torch.__version__} | "
+    revision = raysight_revision()
+    print(f"raysight {raysight.__version__} ({revision}) | nnsight {nnsight.__version__} | torch {torch.__version__} | "
           f"python {platform.python_version()} | threads {torch.get_num_threads()} | "
           f"{platform.processor() or platform.machine()} x{os.cpu_count()} | {'quick' if cfg.quick else 'full'}")  # fmt: skip
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
@@ -726,7 +742,7 @@ def main() -> int:
 
     if cfg.json:
         doc = {
-            "meta": {"raysight": raysight.__version__, "nnsight": nnsight.__version__, "torch": torch.__version__,
+            "meta": {"raysight": raysight.__version__, "raysight_revision": revision, "nnsight": nnsight.__version__, "torch": torch.__version__,
                      "python": platform.python_version(), "cpus": os.cpu_count(), "threads": 1, "quick": cfg.quick,
                      "blocks": cfg.blocks, "block_ms": cfg.block_ms, "gpt_shape": list(cfg.gpt_shape) + [768],
                      "gpt_reps": cfg.gpt_reps, "elapsed_s": elapsed, "loadavg_start": load, "loadavg_end": load_end},

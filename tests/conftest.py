@@ -241,3 +241,158 @@ def unchanged(root: nn.Module) -> Iterator[None]:
 
 def notes_text(exc: BaseException) -> str:
     return str(exc) + "\n" + "\n".join(getattr(exc, "__notes__", []) or [])
+
+
+# -- models called several times, BatchNorm, and counting real (non-fake) forward calls -----------------------
+class Cell(nn.Module):
+    """A container with a child: ``tanh(lin(x))``. Called several times by :class:`Loop`."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x))
+
+
+class Loop(nn.Module):
+    """The same ``cell`` applied ``STEPS`` times, then ``head``."""
+
+    STEPS = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = Cell(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.STEPS):
+            x = self.cell(x)
+        return self.head(x)
+
+
+class RNNLike(nn.Module):
+    """An Elman-style recurrence over the time dimension of ``x`` (batch, time, 3): ``inp`` and ``rec`` run once per
+    step; ``head`` once at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 5)
+        self.rec = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], 5)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.inp(x[:, t]) + self.rec(h))
+        return self.head(h)
+
+
+class BNNet(nn.Module):
+    """Linear -> BatchNorm1d -> Linear; in train mode a forward pass updates the running stats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.bn(self.lin(x)))
+
+
+@pytest.fixture
+def loop() -> Loop:
+    torch.manual_seed(0)
+    return Loop()
+
+
+@pytest.fixture
+def loop_model(loop: Loop) -> raysight.NNsight:
+    return raysight.NNsight(loop)
+
+
+@pytest.fixture
+def rnn() -> RNNLike:
+    torch.manual_seed(0)
+    return RNNLike()
+
+
+@pytest.fixture
+def rnn_model(rnn: RNNLike) -> raysight.NNsight:
+    return raysight.NNsight(rnn)
+
+
+@pytest.fixture
+def xseq() -> torch.Tensor:
+    """(batch 2, time 4, features 3) for :class:`RNNLike`."""
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(2, 4, 3, generator=g)
+
+
+@pytest.fixture
+def bn_net() -> BNNet:
+    torch.manual_seed(0)
+    net = BNNet()
+    net.train()
+    return net
+
+
+@pytest.fixture
+def bn_model(bn_net: BNNet) -> raysight.NNsight:
+    return raysight.NNsight(bn_net)
+
+
+def _is_real(value: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(value, torch.Tensor):
+        return not isinstance(value, FakeTensor) and value.device.type != "meta"
+    if isinstance(value, (tuple, list)):
+        return any(_is_real(v) for v in value)
+    if isinstance(value, dict):
+        return any(_is_real(v) for v in value.values())
+    return False
+
+
+class RealCallCounter(CallCounter):
+    """Like :class:`CallCounter`, but counts only calls that computed real values (not a fake/meta scan pass)."""
+
+    def _make(self, i: int) -> Callable:
+        def hook(mod: nn.Module, a: tuple, out: Any) -> None:
+            if _is_real(out):
+                self.counts[i] += 1
+
+        return hook
+
+
+@pytest.fixture
+def count_real_calls() -> Callable[..., RealCallCounter]:
+    return RealCallCounter
+
+
+def all_calls_outputs(root: nn.Module, module: nn.Module, *args: Any) -> tuple[list, Any]:
+    """Run ``root(*args)`` recording (a detached clone of) ``module``'s output at every call."""
+    outs: list = []
+    handle = module.register_forward_hook(lambda mod, a, out: outs.append(out.detach().clone()))
+    try:
+        root_out = root(*args)
+    finally:
+        handle.remove()
+    return outs, root_out
+
+
+def run_with_call_hook(root: nn.Module, module: nn.Module, fn: Callable[[int, Any], Any], *args: Any) -> Any:
+    """Run ``root(*args)`` with a forward hook on ``module`` that returns ``fn(call_index, output)`` (None keeps it)."""
+    counter = [0]
+
+    def hook(mod: nn.Module, a: tuple, out: Any) -> Any:
+        i = counter[0]
+        counter[0] += 1
+        return fn(i, out)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        return root(*args)
+    finally:
+        handle.remove()

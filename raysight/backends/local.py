@@ -20,10 +20,12 @@ class LocalBackend:
         streams = _streams(graph.body, request)
         interleaver = Interleaver(graph.nodes, streams, model._module_at)
         args, kwargs = model._batch_inputs(request.invokes)
+        if request.forward_kwargs:
+            kwargs = {**kwargs, **request.forward_kwargs}
         with HookSet(model._module_at, graph.locations(), interleaver):
             interleaver.start()
             try:
-                model._execute(request.method, args, {**kwargs, **request.forward_kwargs})
+                model._execute(request.method, args, kwargs)
             except EarlyStop:
                 return interleaver.results()
             interleaver.finish()
@@ -42,5 +44,6 @@ def _streams(body: list, request: Request) -> list[tuple[list, Optional[Rows], s
             whole = sizes[i] == total or sizes[i] == 0  # an invoke without input sees the whole batch
             rows = None if whole else Rows(sum(sizes[:i]), sizes[i], total)
             streams.append((node.body, rows, f"invoke {i}"))
-    streams.append((body, None, "the code outside invokes"))
+    if len(streams) < len(body):  # there is code outside the invokes
+        streams.append((body, None, "the code outside invokes"))
     return streams

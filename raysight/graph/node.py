@@ -13,7 +13,7 @@ import itertools
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
 
 class Op(str, enum.Enum):
@@ -58,9 +58,9 @@ class Calls:
         return f"calls {self.start}..{'' if self.stop is None else self.stop - 1}"
 
 
-@dataclass(frozen=True)
-class Location:
-    """A place in a model a graph can read or write: a module path, which value, and which call(s) of the module."""
+class Location(NamedTuple):
+    """A place in a model a graph can read or write: a module path, which value, and which call(s) of the module.
+    (A named tuple: immutable, hashable and cheap to create on the hot path of recording.)"""
 
     path: str  # dotted module path; "" is the root module
     key: str  # "output", "input" (first argument) or "inputs" ((args, kwargs))

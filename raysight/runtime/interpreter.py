@@ -119,17 +119,6 @@ class Interleaver:
             stream.body = body
             stream.gen = self._run_body(body, stream)
             self.streams.append(stream)
-        self._ops = {
-            Op.CALL_FUNCTION: self.call_function,
-            Op.CALL_METHOD: self.call_method,
-            Op.GET_ATTR: self.get_attr,
-            Op.READ: self.read,
-            Op.WRITE: self.write,
-            Op.CALL_MODULE: self.call_module,
-            Op.PARAM: self.param,
-            Op.SET_GRAD: self.set_grad,
-            Op.LOG: self.log,
-        }
 
     # -- driving --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -244,7 +233,7 @@ class Interleaver:
                 continue
             stream.waiting = None
             try:
-                value = self._ops[op](node, stream, event)
+                value = _OPS[op](self, node, stream, event)
             except EarlyStop:
                 raise
             except Exception as exc:
@@ -503,6 +492,19 @@ class Interleaver:
             return self.grad_overrides.pop(key)  # the gradient, edited in place or replaced
 
         handle = tensor.register_hook(on_grad)
+
+
+_OPS = {
+    Op.CALL_FUNCTION: Interleaver.call_function,
+    Op.CALL_METHOD: Interleaver.call_method,
+    Op.GET_ATTR: Interleaver.get_attr,
+    Op.READ: Interleaver.read,
+    Op.WRITE: Interleaver.write,
+    Op.CALL_MODULE: Interleaver.call_module,
+    Op.PARAM: Interleaver.param,
+    Op.SET_GRAD: Interleaver.set_grad,
+    Op.LOG: Interleaver.log,
+}  # one interpreter method per op (COND, INVOKE, STOP and GRAD are handled by the stream itself)
 
 
 def _select(value: Any, key: str) -> Any:

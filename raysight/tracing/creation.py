@@ -22,6 +22,7 @@ _NAMES = ("zeros", "ones", "empty", "rand", "randn")
 _lock = threading.Lock()
 _active = 0
 _originals: dict[str, Callable] = {}
+_wrappers: dict[str, Callable] = {}  # made once, then swapped in and out
 
 
 def _wrap(original: Callable) -> Callable:
@@ -41,10 +42,13 @@ def enable() -> None:
     with _lock:
         _active += 1
         if _active == 1:
+            namespace = torch.__dict__
             for name in _NAMES:
-                original = getattr(torch, name)
+                original = namespace[name]
+                if name not in _wrappers or _wrappers[name].__wrapped__ is not original:
+                    _wrappers[name] = _wrap(original)
                 _originals[name] = original
-                setattr(torch, name, _wrap(original))
+            namespace.update(_wrappers)
 
 
 def disable() -> None:
@@ -52,6 +56,4 @@ def disable() -> None:
     with _lock:
         _active -= 1
         if _active == 0:
-            for name, original in _originals.items():
-                setattr(torch, name, original)
-            _originals.clear()
+            torch.__dict__.update(_originals)

@@ -1,0 +1,285 @@
+"""Gradients inside a trace: reading, editing and replacing ``.grad``, several backward passes, ``retain_grad``,
+``requires_grad`` on inputs, and bad ``.grad`` reads / backward calls.
+
+Every oracle is a plain PyTorch run: a forward hook that registers a tensor hook (``tensor.register_hook``), or
+``torch.autograd.grad`` on a hand-written forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+from torch import nn
+
+import raysight
+from conftest import assert_no_hooks, notes_text, unchanged
+
+THIS_FILE = os.path.basename(__file__)
+
+
+# -- oracle helpers ------------------------------------------------------------------------------------------
+def hand_grad_run(
+    root: nn.Module,
+    module: nn.Module,
+    x: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor] = lambda out: out.sum(),
+    edit: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None,
+) -> dict[str, Any]:
+    """Forward ``root(x)`` with a forward hook on ``module`` that registers a tensor hook on its output; backward
+    ``loss_fn(output)``. Return the gradient the tensor hook saw and every parameter's ``.grad`` (then zero them)."""
+    seen: dict[str, Any] = {}
+
+    def tensor_hook(g: torch.Tensor) -> Optional[torch.Tensor]:
+        seen["grad"] = g.detach().clone()
+        return edit(g) if edit is not None else None
+
+    def fwd_hook(mod: nn.Module, a: tuple, out: torch.Tensor) -> None:
+        out.register_hook(tensor_hook)
+
+    root.zero_grad(set_to_none=True)
+    handle = module.register_forward_hook(fwd_hook)
+    try:
+        loss_fn(root(x)).backward()
+    finally:
+        handle.remove()
+    seen["params"] = {n: p.grad.detach().clone() for n, p in root.named_parameters() if p.grad is not None}
+    root.zero_grad(set_to_none=True)
+    return seen
+
+
+def line_of(text: str) -> int:
+    """The line number of ``text`` in this file (it must occur exactly once)."""
+    with open(__file__) as f:
+        hits = [i for i, line in enumerate(f, 1) if text in line and "line_of(" not in line]
+    assert len(hits) == 1, hits
+    return hits[0]
+
+
+def param_grads(root: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in root.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6), name
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+def test_saved_grad_equals_the_gradient_a_tensor_hook_sees(model, mlp, x):
+    oracle = hand_grad_run(mlp, mlp.layer1, x)
+    with model.trace(x):
+        h = model.layer1.output
+        g = h.grad.save()
+        model.output.sum().backward()
+    assert g.value.shape == (2, 10)
+    assert torch.allclose(g.value, oracle["grad"], atol=1e-6)
+
+
+def test_backward_in_a_trace_fills_parameter_grads_like_plain_backward(model, mlp, x):
+    oracle = hand_grad_run(mlp, mlp.layer1, x)
+    with model.trace(x):
+        model.output.sum().backward()
+    assert_same_grads(param_grads(mlp), oracle["params"])
+
+
+def test_grad_of_a_computed_value_that_replaces_an_output_equals_autograd_grad(model, mlp, x):
+    h = mlp.layer1(x)
+    a = torch.relu(h) * 3
+    (want,) = torch.autograd.grad((mlp.layer2(a) ** 2).sum(), a)
+    with model.trace(x):
+        a = torch.relu(model.layer1.output) * 3
+        model.layer1.output = a
+        g = a.grad.save()
+        (model.output**2).sum().backward()
+    assert torch.allclose(g.value, want, atol=1e-6)
+
+
+# -- editing -----------------------------------------------------------------------------------------------------
+def test_zeroing_grad_in_place_zeroes_upstream_parameter_grads(model, mlp, x):
+    oracle = hand_grad_run(mlp, mlp.layer1, x, edit=lambda g: torch.zeros_like(g))
+    assert oracle["params"]["layer1.weight"].abs().sum() == 0  # the oracle really blocks layer1's gradient
+    with model.trace(x):
+        h = model.layer1.output
+        h.grad[:] = 0
+        model.output.sum().backward()
+    assert_same_grads(param_grads(mlp), oracle["params"])
+
+
+def test_zeroing_grad_in_place_leaves_downstream_parameter_grads(model, mlp, x):
+    plain = hand_grad_run(mlp, mlp.layer1, x)
+    with model.trace(x):
+        h = model.layer1.output
+        h.grad[:] = 0
+        model.output.sum().backward()
+    got = param_grads(mlp)
+    assert torch.allclose(got["layer2.weight"], plain["params"]["layer2.weight"], atol=1e-6)
+    assert torch.allclose(got["layer2.bias"], plain["params"]["layer2.bias"], atol=1e-6)
+
+
+def test_replacing_grad_with_its_double_doubles_upstream_parameter_grads(model, mlp, x):
+    oracle = hand_grad_run(mlp, mlp.layer1, x, edit=lambda g: g * 2)
+    plain = hand_grad_run(mlp, mlp.layer1, x)
+    assert torch.allclose(oracle["params"]["layer1.weight"], 2 * plain["params"]["layer1.weight"], atol=1e-6)
+    with model.trace(x):
+        h = model.layer1.output
+        h.grad = h.grad * 2
+        model.output.sum().backward()
+    assert_same_grads(param_grads(mlp), oracle["params"])
+
+
+def test_grad_saved_after_an_in_place_edit_sees_the_edit(model, mlp, x):
+    oracle = hand_grad_run(mlp, mlp.layer1, x)
+    with model.trace(x):
+        h = model.layer1.output
+        h.grad[:, 0] = 0
+        g = h.grad.save()
+        model.output.sum().backward()
+    want = oracle["grad"].clone()
+    want[:, 0] = 0
+    assert torch.allclose(g.value, want, atol=1e-6)
+
+
+# -- several backward passes -------------------------------------------------------------------------------------
+def test_retain_graph_two_backward_passes_each_see_their_own_grad(model, mlp, x):
+    h = mlp.layer1(x)
+    out = mlp.layer2(h)
+    (want1,) = torch.autograd.grad(out.sum(), h, retain_graph=True)
+    (want2,) = torch.autograd.grad((out**2).sum(), h)
+    assert not torch.allclose(want1, want2)
+    with model.trace(x):
+        h = model.layer1.output
+        out = model.output
+        g1 = h.grad.save()
+        out.sum().backward(retain_graph=True)
+        g2 = h.grad.save()
+        (out**2).sum().backward()
+    assert torch.allclose(g1.value, want1, atol=1e-6)
+    assert torch.allclose(g2.value, want2, atol=1e-6)
+
+
+def test_retain_graph_two_backward_passes_accumulate_parameter_grads(model, mlp, x):
+    first = hand_grad_run(mlp, mlp.layer1, x, loss_fn=lambda o: o.sum())
+    second = hand_grad_run(mlp, mlp.layer1, x, loss_fn=lambda o: (o**2).sum())
+    with model.trace(x):
+        out = model.output
+        out.sum().backward(retain_graph=True)
+        (out**2).sum().backward()
+    got = param_grads(mlp)
+    for name in first["params"]:
+        assert torch.allclose(got[name], first["params"][name] + second["params"][name], atol=1e-5), name
+
+
+def test_retain_grad_then_grad_after_backward(model, mlp, x):
+    oracle = hand_grad_run(mlp, mlp.layer1, x)
+    with model.trace(x):
+        h = model.layer1.output
+        h.retain_grad()
+        model.output.sum().backward()
+        g = h.grad.save()
+    assert torch.allclose(g.value, oracle["grad"], atol=1e-6)
+
+
+# -- requires_grad -----------------------------------------------------------------------------------------------
+def _freeze(net: nn.Module) -> None:
+    for p in net.parameters():
+        p.requires_grad_(False)
+
+
+def test_setting_requires_grad_on_the_input_of_a_frozen_model(model, mlp, x):
+    _freeze(mlp)
+    xr = x.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(mlp(xr).sum(), xr)
+    with model.trace(x.clone()):
+        inp = model.layer1.input
+        inp.requires_grad = True
+        g = inp.grad.save()
+        model.output.sum().backward()
+    assert torch.allclose(g.value, want, atol=1e-6)
+    assert all(p.grad is None for p in mlp.parameters())
+
+
+def test_requires_grad_method_on_a_hidden_value_of_a_frozen_model(model, mlp, x):
+    _freeze(mlp)
+    h = mlp.layer1(x).requires_grad_(True)
+    (want,) = torch.autograd.grad((mlp.layer2(h) ** 2).sum(), h)
+    with model.trace(x):
+        h = model.layer1.output
+        h.requires_grad_(True)
+        g = h.grad.save()
+        (model.output**2).sum().backward()
+    assert torch.allclose(g.value, want, atol=1e-6)
+
+
+def test_grad_of_a_frozen_model_without_requires_grad_raises_intervention_error(model, mlp, x):
+    _freeze(mlp)
+    with unchanged(mlp):
+        with pytest.raises(raysight.InterventionError) as info:
+            with model.trace(x):
+                h = model.layer1.output
+                h.grad.save()  # nothing requires grad here
+                model.output.sum().backward()
+    assert "requires_grad" in notes_text(info.value)
+
+
+# -- bad input -----------------------------------------------------------------------------------------------------
+def test_grad_of_a_detached_value_raises_intervention_error_naming_the_line(model, mlp, x):
+    with unchanged(mlp):
+        with pytest.raises(raysight.InterventionError) as info:
+            with model.trace(x):
+                d = model.layer1.output.detach()
+                d.grad.save()  # detached: never part of the backward pass
+                model.output.sum().backward()
+    text = notes_text(info.value)
+    assert THIS_FILE in text
+    assert "d.grad.save()  # detached: never part of the backward pass" in text
+
+
+def test_grad_of_a_value_not_upstream_of_the_loss_raises_intervention_error_naming_the_line(model, mlp, x):
+    with unchanged(mlp):
+        with pytest.raises(raysight.InterventionError) as info:
+            with model.trace(x):
+                side = model.layer1.output * 2  # requires grad, but the loss does not use it
+                side.grad.save()  # the .grad read
+                model.output.sum().backward()
+    text = notes_text(info.value)
+    assert "%" in text  # names the node
+    assert f"{THIS_FILE}:{line_of('side.grad.save()  # the .grad read')}" in text
+
+
+def test_backward_of_a_non_scalar_raises_runtime_error_noting_the_line(model, mlp, x):
+    with unchanged(mlp):
+        with pytest.raises(RuntimeError) as info:
+            with model.trace(x):
+                h = model.layer1.output
+                h.grad.save()
+                model.output.backward()  # not a scalar
+    notes = "\n".join(getattr(info.value, "__notes__", []) or [])
+    assert THIS_FILE in notes
+    assert "model.output.backward()  # not a scalar" in notes
+
+
+def test_no_hooks_remain_after_a_successful_gradient_trace(model, mlp, x):
+    with model.trace(x):
+        h = model.layer1.output
+        h.grad = h.grad * 2
+        model.output.sum().backward()
+    assert_no_hooks(mlp)
+
+
+def test_a_trace_after_a_gradient_error_runs_like_plain_torch(model, mlp, x):
+    with pytest.raises(RuntimeError):
+        with model.trace(x):
+            h = model.layer1.output
+            h.grad[:] = 0
+            model.output.backward()
+    mlp.zero_grad(set_to_none=True)
+    plain = hand_grad_run(mlp, mlp.layer1, x)
+    with model.trace(x):
+        g = model.layer1.output.grad.save()
+        model.output.sum().backward()
+    assert torch.allclose(g.value, plain["grad"], atol=1e-6)
+    assert_same_grads(param_grads(mlp), plain["params"])
