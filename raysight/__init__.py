@@ -38,8 +38,17 @@ from raysight.tracing.control import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # LanguageModel imports transformers: load it only when asked for, so `import raysight` stays light.
+    if name == "LanguageModel":
+        from raysight.models.language import LanguageModel
+
+        return LanguageModel
+    raise AttributeError(f"module 'raysight' has no attribute {name!r}")
+
 __all__ = [
-    "NNsight", "Proxy", "Graph", "Node", "Op", "Location",
+    "NNsight", "LanguageModel", "Proxy", "Graph", "Node", "Op", "Location",
     "apply", "log", "stop", "cond",
     "list", "dict", "tuple", "set", "int", "float", "str", "bool", "bytes", "bytearray", "complex",
     "RaysightError", "TraceError", "OutOfOrderError", "InterventionError", "StructureError", "MissedProviderError",

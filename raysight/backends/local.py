@@ -17,6 +17,7 @@ class LocalBackend:
 
     def __call__(self, model: Any, request: Request) -> dict[int, Any]:
         graph = request.graph
+        model._ensure_dispatched()
         streams = _streams(graph.body, request)
         interleaver = Interleaver(graph.nodes, streams, model._module_at)
         args, kwargs = model._batch_inputs(request.invokes)

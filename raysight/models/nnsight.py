@@ -96,6 +96,9 @@ class NNsight(Envoy):
             raise ValueError("no invoke of this trace was given an input; give at least one invoke an input")
         return concatenate_inputs(prepared)
 
+    def _ensure_dispatched(self) -> None:
+        """Load real weights before a local run (a wrapped module already has them)."""
+
     def _execute(self, method: str, args: tuple, kwargs: dict) -> Any:
         return self._module(*args, **kwargs)
 

@@ -283,3 +283,80 @@ def test_a_trace_after_a_gradient_error_runs_like_plain_torch(model, mlp, x):
         model.output.sum().backward()
     assert torch.allclose(g.value, plain["grad"], atol=1e-6)
     assert_same_grads(param_grads(mlp), plain["params"])
+
+
+# -- several invokes and several calls -----------------------------------------------------------------------------
+def _hidden_grad(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    h = mlp.layer1(x)
+    (g,) = torch.autograd.grad(mlp.layer2(h).sum(), h)
+    return g
+
+
+def test_grad_in_a_single_explicit_invoke(model, mlp, x):
+    want = _hidden_grad(mlp, x)
+    with model.trace() as tracer:
+        with tracer.invoke(x):
+            g = model.layer1.output.grad.save()
+            model.output.sum().backward()
+    assert torch.allclose(g.value, want, atol=1e-6)
+
+
+def test_grad_and_backward_inside_the_second_of_two_invokes(model, mlp, x, xb):
+    """The loss sums invoke 1's rows only; MLP rows are independent, so the gradient of invoke 1's hidden rows is
+    that of ``mlp(xb).sum()``."""
+    want = _hidden_grad(mlp, xb)
+    with model.trace() as tracer:
+        with tracer.invoke(x):
+            pass
+        with tracer.invoke(xb):
+            g = model.layer1.output.grad.save()
+            model.output.sum().backward()
+    assert torch.allclose(g.value, want, atol=1e-6)
+
+
+def test_grad_read_in_an_invoke_with_backward_recorded_after_the_invokes(model, mlp, x, xb):
+    """``.grad`` is the gradient in the next backward() recorded after it: here a full-batch loss after both
+    invokes, so invoke 0 sees its own rows of the full gradient."""
+    want = _hidden_grad(mlp, torch.cat([x, xb]))[: x.shape[0]]
+    with model.trace() as tracer:
+        with tracer.invoke(x):
+            g = model.layer1.output.grad.save()
+        with tracer.invoke(xb):
+            pass
+        model.output.sum().backward()
+    assert g.value is not None
+    assert torch.allclose(g.value, want, atol=1e-6)
+
+
+def test_grad_of_the_second_call_of_a_reused_module(loop_model, loop, x4):
+    outs = []
+    handle = loop.cell.register_forward_hook(lambda m, a, out: outs.append(out))
+    try:
+        final = loop(x4)
+    finally:
+        handle.remove()
+    (want,) = torch.autograd.grad(final.sum(), outs[1])
+    loop.zero_grad(set_to_none=True)
+    with loop_model.trace(x4):
+        g = loop_model.cell.next().output.grad.save()
+        loop_model.output.sum().backward()
+    assert torch.allclose(g.value, want, atol=1e-6)
+
+
+def test_grad_under_all_gives_each_calls_gradient(loop_model, loop, x4):
+    outs = []
+    handle = loop.cell.register_forward_hook(lambda m, a, out: outs.append(out))
+    try:
+        final = loop(x4)
+    finally:
+        handle.remove()
+    want = torch.autograd.grad(final.sum(), outs)
+    loop.zero_grad(set_to_none=True)
+    with loop_model.trace(x4):
+        acc = raysight.list().save()
+        with loop_model.cell.all():
+            acc.append(loop_model.cell.output.grad)
+        loop_model.output.sum().backward()
+    assert len(acc.value) == 3
+    assert all(g is not None for g in acc.value)
+    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(acc.value, want))

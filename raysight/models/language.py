@@ -1,0 +1,321 @@
+"""LanguageModel: a Hugging Face transformers model with its tokenizer, built lazily on the meta device.
+
+Config and tokenizer load at once; the weights load (through the normal ``from_pretrained`` path, ``device_map``
+included) the first time something runs locally, or on ``dispatch()``. Each invoke's input may be a string, a list
+of strings, token ids in any shape, or a dict/BatchEncoding. Invokes are left-padded into one batch for causal
+LMs and given position ids that follow the attention mask, so a prompt's activations in a padded batch equal those
+of the prompt run alone. ``model.generate(...)`` interleaves with HF ``generate``: every module fires once per
+step, ``model.generator.output`` is the generated ids and ``model.generator.streamer.output`` each step's tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Optional, Union
+
+import torch
+
+from raysight.backends.base import InvokeInputs
+from raysight.envoy import Envoy
+from raysight.models.nnsight import NNsight
+from raysight.tracing.tracer import Tracer
+
+logger = logging.getLogger(__name__)
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "token_type_ids", "position_ids")
+_PAD_VALUES = {"attention_mask": 0, "labels": -100, "token_type_ids": 0}
+
+
+class _Generator(torch.nn.Module):
+    """Hook points of generation: called with the generated ids at the end, and (streamer) with each step's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.streamer = _Streamer()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids
+
+
+class _Streamer(torch.nn.Module):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids
+
+
+class _StreamerBridge:
+    """An HF streamer that fires the ``generator.streamer`` hook point (and forwards to the user's streamer)."""
+
+    def __init__(self, module: _Streamer, user: Any = None) -> None:
+        self._module = module
+        self._user = user
+
+    def put(self, value: torch.Tensor) -> None:
+        self._module(value)
+        if self._user is not None:
+            self._user.put(value)
+
+    def end(self) -> None:
+        if self._user is not None:
+            self._user.end()
+
+
+class LanguageModel(NNsight):
+    """``model = raysight.LanguageModel("path/or/repo", dispatch=False, device_map=None, torch_dtype=None)``."""
+
+    def __init__(
+        self,
+        model: Union[str, Any, torch.nn.Module],
+        *,
+        tokenizer: Any = None,
+        automodel: Union[str, type] = "AutoModelForCausalLM",
+        dispatch: bool = False,
+        device_map: Any = None,
+        torch_dtype: Any = None,
+        rename: Optional[dict[str, str]] = None,
+        **from_pretrained_kwargs: Any,
+    ) -> None:
+        import transformers
+
+        auto = getattr(transformers, automodel, None) if isinstance(automodel, str) else automodel
+        if auto is None:
+            raise ValueError(f"automodel={automodel!r} is not a transformers Auto class (e.g. 'AutoModelForCausalLM')")
+        load_kwargs = dict(from_pretrained_kwargs)
+        if torch_dtype is not None:
+            load_kwargs["dtype"] = _dtype(torch_dtype)
+        if device_map is not None:
+            load_kwargs["device_map"] = device_map
+        if isinstance(model, torch.nn.Module):
+            module, source, loaded = model, getattr(getattr(model, "config", None), "_name_or_path", None), True
+        else:
+            source = str(model)
+            config = _load_config(source, from_pretrained_kwargs)
+            if dispatch:
+                module, loaded = _load_weights(auto, source, load_kwargs), True
+            else:
+                with torch.device("meta"):
+                    module = auto.from_config(config, **({"dtype": load_kwargs["dtype"]} if "dtype" in load_kwargs
+                                                          else {}))  # fmt: skip
+                loaded = False
+        d = self.__dict__
+        d["_source"] = source
+        d["_auto"] = auto
+        d["_load_kwargs"] = load_kwargs
+        d["_dispatched"] = loaded
+        d["tokenizer"] = _load_tokenizer(tokenizer, source, _is_causal(module))
+        super().__init__(module, rename=rename)
+        self._add_generator()
+
+    # -- loading --------------------------------------------------------------------------------------------
+    @property
+    def dispatched(self) -> bool:
+        """True once real weights are loaded (False while the model is only a shape on the meta device)."""
+        return self._dispatched
+
+    def dispatch(self) -> "LanguageModel":
+        """Load the real weights now (``from_pretrained`` with this model's ``device_map`` and dtype)."""
+        if not self._dispatched:
+            module = _load_weights(self._auto, self._source, self._load_kwargs)
+            self._rebuild(module)
+            self.__dict__["_dispatched"] = True
+        return self
+
+    def _rebuild(self, module: torch.nn.Module) -> None:
+        for key in [k for k, v in self.__dict__.items() if isinstance(v, Envoy)]:
+            del self.__dict__[key]
+        self.__dict__["_by_path"] = {}
+        Envoy.__init__(self, module, "", None)
+        self._add_generator()
+
+    def _add_generator(self) -> None:
+        generator = _Generator()
+        self.__dict__["_generator_module"] = generator
+        envoy = Envoy(generator, "generator", self)
+        self.__dict__["generator"] = envoy
+
+    def _ensure_dispatched(self) -> None:
+        if not self._dispatched:
+            logger.info("loading the weights of %s for a local run", self._source)
+            self.dispatch()
+
+    @property
+    def config(self) -> Any:
+        return self._module.config
+
+    # -- tracing entry points -------------------------------------------------------------------------------
+    def generate(self, *inputs: Any, max_new_tokens: int = 1, backend: Any = None, **kwargs: Any) -> Tracer:
+        """``with model.generate(x, max_new_tokens=N) as tracer:`` — interleave with HF ``generate``."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int (the number of tokens to add), got "
+                             f"{max_new_tokens!r}")  # fmt: skip
+        invoker_kwargs = kwargs.pop("invoker_args", None) or kwargs.pop("invoker_kwargs", None)
+        scan, validate = kwargs.pop("scan", False), kwargs.pop("validate", False)
+        return Tracer(self, inputs, invoker_kwargs=invoker_kwargs, forward_kwargs={"max_new_tokens": max_new_tokens,
+                      **kwargs}, backend=backend, method="generate", scan=scan, validate=validate)  # fmt: skip
+
+    # -- extension points -----------------------------------------------------------------------------------
+    def _prepare_input(self, *inputs: Any, **kwargs: Any) -> tuple[tuple, dict, int]:
+        given = {k: kwargs.pop(k) for k in _MODEL_INPUTS if k in kwargs}
+        if len(inputs) > 1:
+            raise TypeError(f"an invoke takes one input (a string, a list of strings, token ids or a dict), got "
+                            f"{len(inputs)}; use one invoke per input or pass a list")  # fmt: skip
+        if inputs:
+            source = inputs[0]
+        elif "input_ids" in given:
+            source = given.pop("input_ids")
+        else:
+            if given or kwargs:
+                raise TypeError("an invoke was given keyword arguments but no input; pass the text or input_ids=")
+            return (), {}, 0
+        encoding = self._encode(source, kwargs)
+        for key, value in given.items():
+            encoding[key] = _as_ids(value, key)
+        return (), encoding, int(encoding["input_ids"].shape[0])
+
+    def _encode(self, source: Any, tokenizer_kwargs: dict) -> dict:
+        tok = self.tokenizer
+        if isinstance(source, str) or (isinstance(source, list) and source and all(isinstance(s, str) for s in source)):
+            texts = [source] if isinstance(source, str) else source
+            encoded = tok(texts, return_tensors="pt", padding=True, **tokenizer_kwargs)
+            # what HF users pass with model(**tokenizer(...)): every tokenizer output the forward accepts
+            return {k: v for k, v in encoded.items() if k in _MODEL_INPUTS and _accepts(self._module, k)}
+        if isinstance(source, dict) or hasattr(source, "data") and hasattr(source, "keys"):
+            if "input_ids" not in source:
+                raise TypeError("a dict input needs an 'input_ids' entry (like a tokenizer's BatchEncoding)")
+            out = {k: _as_ids(source[k], k) for k in source.keys() if k in _MODEL_INPUTS}
+        elif isinstance(source, torch.Tensor) or isinstance(source, list):
+            if isinstance(source, list) and source and isinstance(source[0], list):
+                if len({len(row) for row in source}) > 1:
+                    padded = tok.pad({"input_ids": source}, return_tensors="pt")
+                    return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+            out = {"input_ids": _as_ids(source, "input ids")}
+        else:
+            raise TypeError(
+                f"cannot use a {type(source).__name__} as a language-model input; give a string, a list of strings, "
+                "token ids (list, list of lists, 1-D/2-D tensor) or a dict/BatchEncoding with 'input_ids'"
+            )
+        out.setdefault("attention_mask", torch.ones_like(out["input_ids"]))
+        return out
+
+    def _batch_inputs(self, invokes: list[InvokeInputs]) -> tuple[tuple, dict]:
+        encodings = [inv.kwargs for inv in invokes if inv.batch_size]
+        if not encodings:
+            raise ValueError("no invoke of this trace was given an input; give at least one invoke an input")
+        length = max(e["input_ids"].shape[1] for e in encodings)
+        left = self.tokenizer.padding_side == "left"
+        pad_id = self.tokenizer.pad_token_id
+        batch: dict[str, torch.Tensor] = {}
+        for key in encodings[0]:
+            if any(key not in e for e in encodings):
+                raise ValueError(f"some invokes give {key!r} and others do not; give it in every invoke or none")
+            fill = pad_id if key == "input_ids" else _PAD_VALUES.get(key, 0)
+            batch[key] = torch.cat([_pad(e[key], length, fill, left) for e in encodings], dim=0)
+        return (), batch
+
+    def _execute(self, method: str, args: tuple, kwargs: dict) -> Any:
+        self._ensure_dispatched()
+        module = self._module
+        device = _first_device(module)
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        if method == "generate":
+            kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+            kwargs["streamer"] = _StreamerBridge(self._generator_module.streamer, kwargs.get("streamer"))
+            ids = module.generate(*args, **kwargs)
+            return self._generator_module(ids)
+        if _is_causal(module) and "position_ids" not in kwargs and "attention_mask" in kwargs:
+            if _accepts(module, "position_ids"):
+                kwargs["position_ids"] = position_ids_from_mask(kwargs["attention_mask"])
+        return module(*args, **kwargs)
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens: a left-padded prompt gets the positions it has when run alone."""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)
+
+
+def _pad(t: torch.Tensor, length: int, fill: int, left: bool) -> torch.Tensor:
+    missing = length - t.shape[1]
+    if missing <= 0:
+        return t
+    pad = torch.full((t.shape[0], missing), fill, dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t] if left else [t, pad], dim=1)
+
+
+def _as_ids(value: Any, what: str) -> torch.Tensor:
+    t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    if t.dim() != 2:
+        raise TypeError(f"{what} must be 1-D or 2-D token ids, got shape {tuple(t.shape)}")
+    return t.long() if not t.is_floating_point() else t
+
+
+def _dtype(value: Any) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+        return getattr(torch, value)
+    raise ValueError(f"torch_dtype must be a torch.dtype or its name (e.g. 'bfloat16'), got {value!r}")
+
+
+def _load_config(source: str, kwargs: dict) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, **{k: v for k, v in kwargs.items() if k in ("revision",
+                                                     "trust_remote_code", "token", "cache_dir")})  # fmt: skip
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"{source!r} is not a Hugging Face model: no usable config.json there ({exc}). Give a local directory "
+            "written by save_pretrained, a hub repo id, or an nn.Module"
+        ) from exc
+
+
+def _load_weights(auto: Any, source: str, kwargs: dict) -> torch.nn.Module:
+    try:
+        return auto.from_pretrained(source, **kwargs)
+    except (ValueError, RuntimeError, torch.OutOfMemoryError) as exc:
+        hint = f" (device_map={kwargs['device_map']!r})" if "device_map" in kwargs else ""
+        raise RuntimeError(f"could not load the weights of {source!r}{hint}: {exc}") from exc
+
+
+def _load_tokenizer(tokenizer: Any, source: Optional[str], causal: bool) -> Any:
+    if tokenizer is None:
+        if source is None:
+            raise ValueError("LanguageModel(module) needs tokenizer=... when the module was not loaded from a path")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    elif isinstance(tokenizer, str):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    if causal:
+        tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # as HF users do for GPT-2-style tokenizers
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ValueError("the tokenizer has no pad, eos or unk token to pad batches with; set tokenizer.pad_token")
+        tokenizer.pad_token = fallback
+        logger.info("tokenizer has no pad token; padding with %r", fallback)
+    return tokenizer
+
+
+def _is_causal(module: torch.nn.Module) -> bool:
+    """A decoder-only LM (left padding, positions from the attention mask), told by its HF class name."""
+    return type(module).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def _accepts(module: torch.nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _first_device(module: torch.nn.Module) -> torch.device:
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
