@@ -94,7 +94,7 @@ class Envoy:
                 "(or a session / edit block)"
             )
         model = getattr(rec, "model", None)
-        if model is not None and model is not self._root:
+        if model is not None and model._module is not self._root._module:  # an edited copy shares the module
             raise TraceError(
                 f"`{self._describe()}.{what}` belongs to another model than the one being traced; read it inside a "
                 "trace of its own model (use a session to combine several models)"
@@ -176,7 +176,8 @@ class Envoy:
             ) from None
         if isinstance(value, torch.Tensor):
             rec = current_recorder()
-            if rec is not None and rec.recording and getattr(rec, "model", None) is self._root:
+            model = getattr(rec, "model", None) if rec is not None and rec.recording else None
+            if model is not None and model._module is self._root._module:
                 return rec.record(Op.PARAM, (self._path, name))
         return value
 
@@ -196,6 +197,12 @@ class Envoy:
 
     # -- containers -----------------------------------------------------------------------------------------
     def __getitem__(self, key: Any) -> Any:
+        children = self._children
+        if isinstance(key, int) and not isinstance(key, bool) and -len(children) <= key < len(children):
+            index = self.__dict__.get("_index")
+            if index is None or len(index) != len(children):
+                index = self.__dict__["_index"] = list(children.values())
+            return index[key]
         children = list(self._children.values())
         if isinstance(key, slice):
             return children[key]

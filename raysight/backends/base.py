@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 from raysight.graph.graph import Graph
 
@@ -25,6 +25,7 @@ class Request:
     invokes: list[InvokeInputs]
     forward_kwargs: dict = field(default_factory=dict)
     method: str = "forward"  # or "generate"
+    graph_size: Optional[int] = None  # nodes past this index are copies of persistent edits (they run first)
 
 
 class Backend(Protocol):

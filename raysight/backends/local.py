@@ -20,6 +20,7 @@ class LocalBackend:
         model._ensure_dispatched()
         streams = _streams(graph.body, request)
         interleaver = Interleaver(graph.nodes, streams, model._module_at)
+        interleaver.edit_start = request.graph_size if request.graph_size is not None else len(graph.nodes)
         args, kwargs = model._batch_inputs(request.invokes)
         if request.forward_kwargs:
             kwargs = {**kwargs, **request.forward_kwargs}

@@ -105,13 +105,20 @@ _INTERNAL = tuple(
 ) + (os.path.join(os.path.dirname(os.__file__), "contextlib.py"),)
 
 
+_internal_code: dict[Any, bool] = {}
+
+
 def user_source(skip: int = 2) -> Optional[SourceLine]:
     """The first frame outside raysight (and contextlib): the user's line that is being recorded."""
     frame = sys._getframe(skip)
+    known = _internal_code
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if not filename.startswith(_INTERNAL):
-            return SourceLine(filename, frame.f_lineno, frame.f_code.co_name)
+        code = frame.f_code
+        internal = known.get(code)
+        if internal is None:
+            internal = known[code] = code.co_filename.startswith(_INTERNAL)
+        if not internal:
+            return SourceLine(code.co_filename, frame.f_lineno, code.co_name)
         frame = frame.f_back
     return None
 
@@ -136,7 +143,7 @@ class Node:
         self.target = target
         self.args = args
         self.kwargs = kwargs if kwargs is not None else {}
-        self.deps: tuple[Node, ...] = _collect_nodes(args, self.kwargs)
+        self.deps: tuple[Node, ...] = _collect_nodes(args, self.kwargs) if (args or kwargs) else ()
         self.body = body
         self.saved = False
         self.source = source

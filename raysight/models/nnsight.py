@@ -67,9 +67,10 @@ class NNsight(Envoy):
         With ``trace=False`` the model runs at once and its output is returned. ``scan=True`` gives proxies concrete
         shapes while tracing (a fake run first); ``validate=True`` also checks every operation on fake values.
         """
-        if not trace:
-            args, kw, _ = self._prepare_input(*inputs, **(invoker_args or invoker_kwargs or {}))
-            return self._execute("forward", args, {**kw, **kwargs})
+        if not trace:  # run now; still through a trace, so persistent edits apply
+            with Tracer(self, inputs, invoker_kwargs=invoker_args or invoker_kwargs, forward_kwargs=kwargs):
+                output = self.output.save()
+            return output.value
         return Tracer(
             self,
             inputs,

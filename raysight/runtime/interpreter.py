@@ -13,7 +13,6 @@ its own (the GRAD node and what depends on it), run inside a tensor hook during 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -48,21 +47,23 @@ class EarlyStop(Exception):
     """Raised inside the forward pass to end it when a STOP node runs (caught by the backend)."""
 
 
-@dataclass
 class Event:
     """A module's value as a hook delivers it; writes replace ``value`` and set ``modified``."""
 
-    key: tuple  # (module path, is_input)
-    call: int
-    value: Any
-    modified: bool = False
+    __slots__ = ("key", "call", "value", "modified")
+
+    def __init__(self, key: tuple, call: int, value: Any) -> None:
+        self.key = key  # (module path, is_input)
+        self.call = call
+        self.value = value
+        self.modified = False
 
 
 class Stream:
     """One invoke's body (or the code outside invokes), run as a generator."""
 
-    __slots__ = ("label", "rows", "gen", "waiting", "last_read", "pending", "done", "open_ended", "body", "wants",
-                 "missed")  # fmt: skip
+    __slots__ = ("label", "rows", "gen", "waiting", "wait_key", "last_read", "pending", "done", "open_ended", "body",
+                 "wants", "missed", "moved")  # fmt: skip
 
     def __init__(self, label: str, rows: Optional[Rows], open_ended: bool = False) -> None:
         self.label = label
@@ -70,12 +71,14 @@ class Stream:
         self.rows = rows
         self.gen: Optional[Iterator] = None
         self.waiting: Optional[Node] = None
+        self.wait_key: Optional[tuple] = None  # the event a blocked read waits for (None: waits on a value)
         self.last_read: Optional[Location] = None
         self.pending: Optional[dict] = None  # events that fired while this stream was busy (ad-hoc hook=True)
         self.done = False
         self.body: list = []
         self.wants: Optional[set] = None  # the (event key, call) pairs this stream reads or writes
         self.missed: Optional[dict] = None  # events it wanted that fired while it waited on something else
+        self.moved: set[int] = set()  # nodes of its body handed to a gradient or multi-call stream
 
     def wanted(self) -> set:
         if self.wants is None:
@@ -109,7 +112,8 @@ class Interleaver:
         self.event: Optional[Event] = None
         self.finished = False
         self.executed = 0
-        self.deferred: set[int] = set()  # nodes owned by a gradient or multi-call stream
+        self.edit_start = len(nodes)  # nodes from this index on come from persistent edits and run first
+        self._backwards: Optional[list[int]] = None
         self.saved_values: dict[int, Any] = {}
         self.grad_overrides: dict[int, Any] = {}  # tensor node -> gradient set while its hook runs
         self.armed: list[tuple[Node, Stream]] = []  # gradient streams waiting for their backward pass
@@ -153,42 +157,56 @@ class Interleaver:
         self.event = None
         self._advance()
         for node, _ in self.armed:
-            raise InterventionError(
-                f"{node.name} reads `.grad` of a value (created at {node.args[0].source}) that took no part in "
-                f"the backward pass recorded after it at {node.source}; read .grad only of tensors the loss "
-                "depends on."
+            raise annotate(
+                InterventionError(
+                    f"{node.name} reads `.grad` of {node.args[0].name} (created at {node.args[0].source}), which took "
+                    "no part in the backward pass recorded after it; read .grad only of tensors the loss depends on"
+                ),
+                node,
             )
 
     def results(self) -> dict[int, Any]:
         return self.saved_values
 
     def _advance(self) -> None:
+        """Resume every stream that can use the current event (or that waits on a value), until none progresses.
+        Another pass is needed only when a stream that waits on a value from another stream is still waiting."""
+        event = self.event
+        key = event.key if event is not None else None
         while True:
-            before = self.executed
-            for stream in self.streams:
-                if not stream.done and not stream.gen.gi_running:
-                    try:
-                        next(stream.gen)
-                    except StopIteration:
-                        stream.done = True
-            if self.executed == before:
+            progressed = waiting_on_values = False
+            for stream in self.streams:  # regions armed during the pass are appended, and run in this pass
+                if stream.done or stream.gen.gi_running:
+                    continue
+                wait_key = stream.wait_key
+                if wait_key is not None and wait_key != key and not self.finished:
+                    continue  # blocked on another module's event
+                before = self.executed
+                try:
+                    next(stream.gen)
+                except StopIteration:
+                    stream.done = True
+                if self.executed != before:
+                    progressed = True
+                if not stream.done and stream.wait_key is None:
+                    waiting_on_values = True
+            if not (progressed and waiting_on_values):
                 return
 
     # -- the stream body ------------------------------------------------------------------------------------
-    def _run_body(
-        self, body: list[Node], stream: Stream, step: Optional[int] = None, owned: bool = False
-    ) -> Iterator[None]:
-        """Run ``body`` in order. ``step``: the call index of multi-call reads in a region's iteration; ``owned``:
-        ``body`` is a gradient or region stream's own list (its nodes are deferred from the stream they came from)."""
+    def _run_body(self, body: list[Node], stream: Stream, step: Optional[int] = None) -> Iterator[None]:
+        """Run ``body`` in order; ``step`` is the call index of multi-call reads in a region's iteration."""
+        moved = stream.moved
         for node in body:
-            if not owned and node.index in self.deferred:
+            if node.index in moved:
                 continue
             op = node.op
             if op is Op.INVOKE:
                 continue  # its body is a stream of its own
-            ready = self._deps_ready(node)
+            ready = self._deps_ready(node) if node.deps else True
             while ready is None:
                 stream.waiting = node
+                stream.wait_key = None
                 yield
                 ready = self._deps_ready(node)
             if not ready:
@@ -207,6 +225,7 @@ class Interleaver:
                     if self.finished:
                         break
                     stream.waiting = node
+                    stream.wait_key = (node.target.path, node.target.is_input)
                     yield
                     event = self._event_for(node, stream, call)
                 if event is None:
@@ -217,7 +236,7 @@ class Interleaver:
             elif op is Op.COND:
                 if self._load(node.args[0]):
                     self._set(node, True)
-                    yield from self._run_body(node.body, stream, step, owned)
+                    yield from self._run_body(node.body, stream, step)
                 else:
                     self._set(node, False)
                     for inner in node.body:
@@ -226,12 +245,13 @@ class Interleaver:
             elif op is Op.STOP:
                 while not self._stop_barrier(node, stream):
                     stream.waiting = node
+                    stream.wait_key = None
                     yield
                 raise EarlyStop()
             elif op is Op.GRAD:
                 self._arm_grad(node, body, stream)
                 continue
-            stream.waiting = None
+            stream.waiting = stream.wait_key = None
             try:
                 value = _OPS[op](self, node, stream, event)
             except EarlyStop:
@@ -416,14 +436,14 @@ class Interleaver:
         members: set[int] = set()
         closure: list[Node] = []
         for node in body[body.index(first) :]:
-            if node.index in self.deferred:
+            if node.index in stream.moved:
                 continue
             loc = node.target if node.op is Op.READ or node.op is Op.WRITE else None
             in_scope = loc is not None and type(loc.call) is Calls and loc.call.scope == calls.scope
             if in_scope or any(d.index in members for d in node.deps):
                 members.add(node.index)
                 closure.append(node)
-        self.deferred |= members
+        stream.moved |= members
         pinned = 1 << 40  # values a region uses must survive every iteration
         for node in closure:
             self.remaining[node.index] = pinned
@@ -437,10 +457,11 @@ class Interleaver:
     def _run_region(self, closure: list[Node], calls: Calls, stream: Stream) -> Iterator[None]:
         env = self.env
         for step in calls.indices():
+            stream.moved = set()  # gradient streams armed in the last iteration took their nodes with them
             for node in closure:  # a fresh iteration: nothing of the last one counts as done
                 env[node.index] = UNSET
             try:
-                yield from self._run_body(closure, stream, step, owned=True)
+                yield from self._run_body(closure, stream, step)
             except _RegionEnd:
                 for node in closure:
                     if env[node.index] is UNSET:
@@ -449,49 +470,73 @@ class Interleaver:
 
     # -- gradients ------------------------------------------------------------------------------------------
     def _arm_grad(self, node: Node, body: list[Node], stream: Stream) -> None:
-        """``x.grad``: if a backward() follows in this stream, run the GRAD node and everything that depends on
-        it inside a hook on ``x`` during that backward; otherwise it is the plain ``x.grad`` attribute."""
-        position = body.index(node)
-        later = body[position + 1 :]
-        if not any(n.op is Op.CALL_METHOD and n.target == "backward" for n in later):
-            self._set(node, self.env[node.args[0].index].grad)
+        """``x.grad``: if a backward() is recorded after it, run the GRAD node and what depends on it inside a hook
+        on ``x`` during that backward pass; otherwise it is the plain ``x.grad`` attribute (``retain_grad``)."""
+        source = node.args[0]
+        tensor = self.env[source.index]
+        if not self._backward_after(node):
+            self._set(node, tensor.grad)
             return
+        position = body.index(node)
         owned = {node.index}
         closure = [node]
-        for other in later:
-            if other.index not in self.deferred and any(d.index in owned for d in other.deps):
+        for other in body[position + 1 :]:
+            if other.index not in stream.moved and any(d.index in owned for d in other.deps):
                 owned.add(other.index)
                 closure.append(other)
-        self.deferred |= owned
-        tensor = self.env[node.args[0].index]
+        stream.moved |= owned
         if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
             raise annotate(
                 InterventionError(
-                    f"`.grad` of {node.args[0].name} cannot be observed: the value does not require grad. Set "
+                    f"`.grad` of {source.name} cannot be observed: the value does not require grad. Set "
                     "`.requires_grad = True` on it (or on an earlier value) inside the trace first."
                 ),
                 node,
             )
-        grad_stream = Stream(f"{stream.label} (gradient of {node.args[0].name})", None)
+        # An invoke's rows are a view of the batch; the loss depends on the batch, so watch the batch tensor and
+        # hand the invoke its rows of the gradient (in-place edits of them edit the batch gradient).
+        rows = stream.rows
+        watched = tensor
+        if rows is not None and tensor._base is not None and tensor._base.shape[0] == rows.total:
+            watched = tensor._base
+        else:
+            rows = None
+        grad_stream = Stream(f"{stream.label} (gradient of {source.name})", None)
         armed = (node, grad_stream)
         self.armed.append(armed)
-
-        key = node.args[0].index
+        key = source.index
 
         def on_grad(grad: torch.Tensor) -> torch.Tensor:
             handle.remove()
             self.armed.remove(armed)
-            self._set(node, grad)
-            self.grad_overrides[key] = grad
-            grad_stream.gen = self._run_body(closure[1:], grad_stream, owned=True)
+            mine = grad.narrow(0, rows.start, rows.size) if rows is not None else grad
+            self._set(node, mine)
+            self.grad_overrides[key] = mine
+            grad_stream.gen = self._run_body(closure[1:], grad_stream)
             self.streams.append(grad_stream)
             try:
                 next(grad_stream.gen)
             except StopIteration:
                 grad_stream.done = True
-            return self.grad_overrides.pop(key)  # the gradient, edited in place or replaced
+            new = self.grad_overrides.pop(key)
+            if rows is None or _same_view(new, mine):
+                return new if rows is None else grad
+            return replace_rows(grad, rows, new, f"the gradient of {source.name}")
 
-        handle = tensor.register_hook(on_grad)
+        handle = watched.register_hook(on_grad)
+
+    def _backward_after(self, node: Node) -> bool:
+        """Is a backward pass recorded after ``node`` (edits come before the trace's own nodes)?"""
+        if self._backwards is None:
+            self._backwards = [
+                n.index
+                for n in self.nodes
+                if (n.op is Op.CALL_METHOD and n.target == "backward")
+                or (n.op is Op.CALL_FUNCTION and n.target is torch.autograd.backward)
+            ]
+        if node.index >= self.edit_start:
+            return any(i < self.edit_start or i > node.index for i in self._backwards)
+        return any(node.index < i < self.edit_start for i in self._backwards)
 
 
 _OPS = {

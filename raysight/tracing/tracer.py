@@ -219,6 +219,7 @@ class Tracer:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         if self._implicit is not None and self._invoker is self._implicit:
             self._implicit.__exit__(exc_type, exc, tb)
+        self._implicit = None
         self._close()
         if exc_type is not None or not self._execute:
             return False
@@ -239,7 +240,7 @@ class Tracer:
 
     def request(self) -> Request:
         graph = with_edits(self.graph, self.model._edits)
-        return Request(graph, self.invokes, self._forward_kwargs, self._method)
+        return Request(graph, self.invokes, self._forward_kwargs, self._method, len(self.graph.nodes))
 
     def _run(self) -> None:
         backend = self._backend
@@ -252,6 +253,7 @@ class Tracer:
             index = proxy.node.index
             if index in results:
                 object.__setattr__(proxy, "_value", results[index])
+        self._saved = []  # proxies point at the tracer: drop the way back so no cycle keeps values alive
 
     def __repr__(self) -> str:
         return f"<Tracer of {type(self.model).__name__}: {len(self.graph)} nodes, {len(self.invokes)} invokes>"
@@ -294,11 +296,13 @@ class Invoker:
         node = tracer.graph.add(Op.INVOKE, self.index, source=user_source(1))
         tracer.graph.enter(node)
         tracer._invoker = self
+        self._outer_calls, tracer._calls = tracer._calls, {}  # .next() positions start afresh in each invoke
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         self.tracer.graph.exit()
         self.tracer._invoker = None
+        self.tracer._calls = self._outer_calls
         return False
 
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import raysight
-from conftest import assert_no_hooks, capture, run_with_hook, unchanged
+from conftest import assert_no_hooks, run_with_call_hook, run_with_hook, unchanged
 
 
 def _close(a, b) -> bool:
@@ -306,3 +305,89 @@ def test_no_hooks_remain_after_tracing_an_edited_model(model, mlp, x):
     with edited.trace(x):
         edited.output.save()
     assert_no_hooks(mlp)
+
+
+# -- nnsight 0.4 compatibility: the edited model is a shallow copy sharing the envoys ---------------------------------
+def test_edited_models_own_envoys_record_inside_the_edit_block(model, mlp, x):
+    """nnsight 0.4's ``EditingTracer.__enter__`` returns the edited (shallow-copied) model, whose envoys are those of
+    ``model``; writing through it inside the block records the edit."""
+    want = run_with_hook(mlp, mlp.layer1, _zero_col0, x)
+    with model.edit() as edited:
+        edited.layer1.output[:, 0] = 0
+    with edited.trace(x):
+        out = edited.output.save()
+    assert _close(out.value, want)
+
+
+def test_original_envoys_work_inside_a_trace_of_the_edited_model(model, mlp, x):
+    """The pattern of nnsight 0.4's ``NNsight.edit`` docstring: ``l0 = gpt2.transformer.h[0]`` is read inside
+    ``with gpt2_edited.trace(...)``, and ``gpt2.output`` is saved there too."""
+    want_h = _zero_col0(mlp.layer1(x))
+    want = run_with_hook(mlp, mlp.layer1, _zero_col0, x)
+    l1 = model.layer1
+    with model.edit() as edited:
+        l1.output[:, 0] = 0
+    with edited.trace(x):
+        h = l1.output.save()
+        out = model.output.save()
+    assert _close(h.value, want_h)
+    assert _close(out.value, want)
+
+
+# -- edits and other ways of running -----------------------------------------------------------------------------------
+def test_trace_false_on_an_edited_model_applies_the_edits(model, mlp, x):
+    want = run_with_hook(mlp, mlp.layer1, _zero_col0, x)
+    with model.edit() as edited:
+        model.layer1.output[:, 0] = 0
+    out = edited.trace(x, trace=False)
+    assert _close(out, want)
+
+
+def test_trace_false_after_an_inplace_edit_applies_the_edit(model, mlp, x):
+    want = run_with_hook(mlp, mlp.layer1, _zero_col0, x)
+    with model.edit(inplace=True):
+        model.layer1.output[:, 0] = 0
+    out = model.trace(x, trace=False)
+    assert _close(out, want)
+
+
+def test_validated_trace_of_an_edited_model(model, mlp, x):
+    want = run_with_hook(mlp, mlp.layer1, _zero_col0, x)
+    with model.edit() as edited:
+        model.layer1.output[:, 0] = 0
+    with edited.trace(x, validate=True):
+        out = edited.output.save()
+    assert _close(out.value, want)
+
+
+def test_edit_under_all_applies_to_every_call_of_a_reused_module(loop_model, loop, x4):
+    want = run_with_call_hook(loop, loop.cell, lambda i, out: out * 0.5, x4)
+    with loop_model.edit() as edited:
+        with loop_model.cell.all():
+            loop_model.cell.output = loop_model.cell.output * 0.5
+    for _ in range(2):
+        with edited.trace(x4):
+            out = edited.output.save()
+        assert _close(out.value, want)
+
+
+def test_gradient_edit_applies_to_a_backward_in_a_later_trace(model, mlp, x):
+    """An edit that blocks the gradient at layer1's output; the backward() is recorded in the later trace."""
+
+    def block(mod, a, out):
+        out.register_hook(lambda g: torch.zeros_like(g))
+
+    handle = mlp.layer1.register_forward_hook(block)
+    try:
+        mlp(x).sum().backward()
+    finally:
+        handle.remove()
+    want = {n: p.grad.clone() for n, p in mlp.named_parameters()}
+    assert want["layer1.weight"].abs().sum() == 0
+    mlp.zero_grad(set_to_none=True)
+    with model.edit() as edited:
+        model.layer1.output.grad[:] = 0
+    with edited.trace(x):
+        edited.output.sum().backward()
+    for name, p in mlp.named_parameters():
+        assert p.grad is not None and _close(p.grad, want[name]), name

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import raysight
-from conftest import capture, notes_text, unchanged
+from conftest import all_calls_outputs, capture, notes_text, unchanged
 
 THIS_FILE = os.path.basename(__file__)
 
@@ -212,3 +212,43 @@ def test_trace_without_scan_after_a_failed_validation_matches_plain_torch(model,
         out = model.output.save()
     assert torch.allclose(h.value, mlp.layer1(x), atol=1e-6)
     assert torch.allclose(out.value, mlp(x), atol=1e-6)
+
+
+# -- scan with invokes and several calls -----------------------------------------------------------------------------
+def test_scan_shapes_per_invoke_and_for_the_full_batch(model, mlp, x, xb):
+    seen = {}
+    with model.trace() as tracer:
+        with tracer.invoke(x, scan=True):
+            seen["a"] = tuple(model.layer1.output.shape)
+        with tracer.invoke(xb, scan=True):
+            seen["b"] = tuple(model.layer1.output.shape)
+        seen["all"] = tuple(model.layer1.output.shape)
+    assert seen["a"] == tuple(mlp.layer1(x).shape)
+    assert seen["b"] == tuple(mlp.layer1(xb).shape)
+    assert seen["all"] == tuple(mlp.layer1(torch.cat([x, xb])).shape)
+
+
+def test_scan_gives_shapes_of_a_later_call_of_a_reused_module(rnn_model, rnn, xseq):
+    outs, _ = all_calls_outputs(rnn, rnn.inp, xseq)
+    with rnn_model.scan(xseq):
+        shape = rnn_model.inp.next(2).output.shape
+    assert tuple(shape) == tuple(outs[2].shape)
+
+
+def test_validate_under_all_raises_at_the_users_line(loop_model, loop, x4, count_real_calls):
+    with count_real_calls(loop) as calls:
+        with pytest.raises(IndexError) as info:
+            with loop_model.trace(x4, validate=True):
+                with loop_model.cell.all():
+                    loop_model.cell.output[:, 7] = 0  # cell has 4 features
+    assert "loop_model.cell.output[:, 7] = 0  # cell has 4 features" in notes_text(info.value)
+    assert calls[0] == 0
+
+
+def test_validate_raises_for_a_set_value_of_the_wrong_batch(model, mlp, x, count_real_calls):
+    with unchanged(mlp), count_real_calls(mlp) as calls:
+        with pytest.raises(RuntimeError) as info:
+            with model.trace(x, validate=True):
+                model.layer1.output[:, 0] = torch.zeros(3)  # batch is 2
+    assert "model.layer1.output[:, 0] = torch.zeros(3)  # batch is 2" in notes_text(info.value)
+    assert calls[0] == 0
