@@ -8,13 +8,18 @@ from typing import Any, Optional, Protocol
 from raysight.graph.graph import Graph
 
 
-@dataclass
 class InvokeInputs:
     """One invoke's prepared inputs and how many batch rows they are."""
 
-    args: tuple
-    kwargs: dict
-    batch_size: int
+    __slots__ = ("args", "kwargs", "batch_size")
+
+    def __init__(self, args: tuple, kwargs: dict, batch_size: int) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.batch_size = batch_size
+
+    def __repr__(self) -> str:
+        return f"InvokeInputs(batch_size={self.batch_size}, {len(self.args)} args, keys {list(self.kwargs)})"
 
 
 @dataclass

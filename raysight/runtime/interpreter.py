@@ -76,23 +76,24 @@ class Stream:
         self.pending: Optional[dict] = None  # events that fired while this stream was busy (ad-hoc hook=True)
         self.done = False
         self.body: list = []
-        self.wants: Optional[set] = None  # the (event key, call) pairs this stream reads or writes
+        self.wants: dict[tuple, int] = {}  # (event key, call) -> reads/writes of it this stream has still to run
         self.missed: Optional[dict] = None  # events it wanted that fired while it waited on something else
         self.moved: set[int] = set()  # nodes of its body handed to a gradient or multi-call stream
 
-    def wanted(self) -> set:
-        if self.wants is None:
-            wants = set()
-            stack = list(self.body)
-            while stack:
-                node = stack.pop()
-                if node.op is Op.READ or node.op is Op.WRITE:
-                    loc = node.target
-                    wants.add(((loc.path, loc.is_input), loc.call))
-                elif node.body is not None and node.op is not Op.INVOKE:
-                    stack.extend(node.body)
-            self.wants = wants
-        return self.wants
+    def count_wants(self) -> None:
+        """Count the single-call reads and writes of each (event key, call) this stream has still to run."""
+        wants: dict[tuple, int] = {}
+        stack = list(self.body)
+        while stack:
+            node = stack.pop()
+            if node.op is Op.READ or node.op is Op.WRITE:
+                loc = node.target
+                if type(loc.call) is int:
+                    want = ((loc.path, loc.is_input), loc.call)
+                    wants[want] = wants.get(want, 0) + 1
+            elif node.body is not None and node.op is not Op.INVOKE:
+                stack.extend(node.body)
+        self.wants = wants
 
 
 class Interleaver:
@@ -121,6 +122,7 @@ class Interleaver:
         for body, rows, label in streams:
             stream = Stream(label, rows)
             stream.body = body
+            stream.count_wants()
             stream.gen = self._run_body(body, stream)
             self.streams.append(stream)
 
@@ -142,7 +144,7 @@ class Interleaver:
                     stream.pending[(key, call)] = event
             self._advance()
             for stream in self.streams:  # kept in case what a stream waits on never comes (see finish)
-                if stream.waiting is not None and not stream.done and (key, call) in stream.wanted():
+                if stream.wants and stream.waiting is not None and stream.wants.get((key, call)):
                     if stream.missed is None:
                         stream.missed = {}
                     stream.missed[(key, call)] = event
@@ -233,6 +235,11 @@ class Interleaver:
                     continue
                 if op is Op.READ:
                     stream.last_read = node.target
+                wants = stream.wants
+                if wants:
+                    want = (event.key, event.call)
+                    if want in wants:
+                        wants[want] -= 1
             elif op is Op.COND:
                 if self._load(node.args[0]):
                     self._set(node, True)

@@ -243,11 +243,7 @@ class Tracer:
         return Request(graph, self.invokes, self._forward_kwargs, self._method, len(self.graph.nodes))
 
     def _run(self) -> None:
-        backend = self._backend
-        if backend is None:
-            from raysight.backends.local import LocalBackend
-
-            backend = LocalBackend()
+        backend = self._backend or _local_backend()
         results = backend(self.model, self.request())
         for proxy in self._saved:
             index = proxy.node.index
@@ -257,6 +253,18 @@ class Tracer:
 
     def __repr__(self) -> str:
         return f"<Tracer of {type(self.model).__name__}: {len(self.graph)} nodes, {len(self.invokes)} invokes>"
+
+
+def _local_backend() -> Any:
+    global _LOCAL
+    if _LOCAL is None:
+        from raysight.backends.local import LocalBackend
+
+        _LOCAL = LocalBackend()
+    return _LOCAL
+
+
+_LOCAL: Any = None
 
 
 class Invoker:
@@ -284,8 +292,10 @@ class Invoker:
         if tracer.graph.depth:
             raise TraceError("tracer.invoke() must be opened directly in the trace, not inside a cond block")
         inputs, kwargs = self._raw
-        kwargs = dict(kwargs)
-        scan = kwargs.pop("scan", False) or tracer._scan
+        scan = tracer._scan
+        if "scan" in kwargs:
+            kwargs = dict(kwargs)
+            scan = kwargs.pop("scan") or scan
         args, kwargs, batch_size = tracer.model._prepare_input(*inputs, **kwargs)
         self.inputs, self.kwargs, self.batch_size = args, kwargs, batch_size
         if scan and batch_size:
@@ -293,7 +303,7 @@ class Invoker:
         tracer._full_scan = None
         self.index = len(tracer.invokes)
         tracer.invokes.append(InvokeInputs(args, kwargs, batch_size))
-        node = tracer.graph.add(Op.INVOKE, self.index, source=user_source(1))
+        node = tracer.graph.add(Op.INVOKE, self.index)
         tracer.graph.enter(node)
         tracer._invoker = self
         self._outer_calls, tracer._calls = tracer._calls, {}  # .next() positions start afresh in each invoke
