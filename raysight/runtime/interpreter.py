@@ -419,7 +419,13 @@ class Interleaver:
 
     def param(self, node: Node, stream: Stream, event: Any) -> Any:
         path, attr = node.target
-        value = getattr(self.module_at(path), attr)
+        module = self.module_at(path)
+        value = getattr(module, attr)
+        if isinstance(value, torch.Tensor) and value.device.type == "meta" and hasattr(module, "_hf_hook"):
+            from accelerate.utils import align_module_device  # offloaded by accelerate: fetch the real weights
+
+            with align_module_device(module):
+                return getattr(module, attr).clone()
         return value.clone() if isinstance(value, torch.Tensor) else value
 
     def set_grad(self, node: Node, stream: Stream, event: Any) -> None:
