@@ -29,8 +29,7 @@ class Request:
     graph: Graph
     invokes: list[InvokeInputs]
     forward_kwargs: dict = field(default_factory=dict)
-    method: str = "forward"  # or "generate"
-    graph_size: Optional[int] = None  # nodes past this index are copies of persistent edits (they run first)
+    method: str = "forward"  # "forward", "generate", or "session" (graph is a session; model and invokes unused)
 
 
 class Backend(Protocol):

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from raysight.backends.base import Request
-from raysight.graph.node import Op
-from raysight.graph.passes import EDIT_INVOKE
-from raysight.runtime.batching import Rows
-from raysight.runtime.hooks import HookSet
-from raysight.runtime.interpreter import EarlyStop, Interleaver
+from raysight.runtime.execute import run_session, run_trace
 
 
 class LocalBackend:
@@ -17,35 +13,8 @@ class LocalBackend:
 
     def __call__(self, model: Any, request: Request) -> dict[int, Any]:
         graph = request.graph
-        model._ensure_dispatched()
-        streams = _streams(graph.body, request)
-        interleaver = Interleaver(graph.nodes, streams, model._module_at)
-        interleaver.edit_start = request.graph_size if request.graph_size is not None else len(graph.nodes)
-        args, kwargs = model._batch_inputs(request.invokes)
-        if request.forward_kwargs:
-            kwargs = {**kwargs, **request.forward_kwargs}
-        with HookSet(model._module_at, graph.locations(), interleaver):
-            interleaver.start()
-            try:
-                model._execute(request.method, args, kwargs)
-            except EarlyStop:
-                return interleaver.results()
-            interleaver.finish()
+        if request.method == "session":
+            return run_session(graph)
+        interleaver = run_trace(model, graph.body, graph.nodes, request.invokes, request.forward_kwargs,
+                                request.method)  # fmt: skip
         return interleaver.results()
-
-
-def _streams(body: list, request: Request) -> list[tuple[list, Optional[Rows], str]]:
-    sizes = [inv.batch_size for inv in request.invokes]
-    total = sum(sizes)
-    streams: list[tuple[list, Optional[Rows], str]] = []
-    for node in body:
-        if node.op is Op.INVOKE and node.target == EDIT_INVOKE:
-            streams.append((node.body, None, "an edit of the model"))
-        elif node.op is Op.INVOKE:
-            i = node.target
-            whole = sizes[i] == total or sizes[i] == 0  # an invoke without input sees the whole batch
-            rows = None if whole else Rows(sum(sizes[:i]), sizes[i], total)
-            streams.append((node.body, rows, f"invoke {i}"))
-    if len(streams) < len(body):  # there is code outside the invokes
-        streams.append((body, None, "the code outside invokes"))
-    return streams

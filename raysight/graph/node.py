@@ -30,8 +30,11 @@ class Op(str, enum.Enum):
     SET_GRAD = "set_grad"  # args[0]: a tensor, args[1]: the gradient that replaces its gradient
     COND = "cond"  # args[0]: predicate; body: nodes run only if it is true
     INVOKE = "invoke"  # target: invoke index; body: nodes that see that invoke's rows of the batch
-    STOP = "stop"  # ends the forward pass when reached
+    STOP = "stop"  # in a trace: ends the forward pass; in a session (target "session"): ends the innermost loop,
+    # or the session outside loops
     LOG = "log"  # args: values printed when the graph runs
+    TRACE = "trace"  # target: TraceSpec (model, invokes, forward kwargs); body: the trace's nodes (sessions)
+    ITER = "iter"  # args[0]: a collection; body: run once per element, the node's value being the element
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,13 @@ class Node:
         self.saved = False
         self.source = source
         self.num_users = 0
+        for dep in self.deps:
+            dep.num_users += 1
+
+    def set_args(self, args: tuple) -> None:
+        """Give a node (a TRACE node, once its trace is recorded) the arguments it depends on."""
+        self.args = args
+        self.deps = _collect_nodes(args, self.kwargs)
         for dep in self.deps:
             dep.num_users += 1
 

@@ -15,15 +15,22 @@ def with_edits(graph: Graph, edits: list[Graph]) -> Graph:
         return graph
     merged = Graph()
     merged.nodes.extend(graph.nodes)
-    for edit in edits:
-        wrapper = merged.add(Op.INVOKE, EDIT_INVOKE, source=None)
-        merged.body.remove(wrapper)
-        merged.body.append(wrapper)
-        merged.enter(wrapper)
-        _copy_body(_flatten_invokes(edit.body), merged, {})
-        merged.exit()
-    merged.body[:] = merged.body[-len(edits) :] + graph.body
+    wrappers = copy_edits(edits, merged)
+    merged.body[:] = wrappers + graph.body
     return merged
+
+
+def copy_edits(edits: list[Graph], into: Graph) -> list[Node]:
+    """Copy each edit graph into ``into`` (new indices after its nodes) inside an INVOKE(-1) wrapper each; return
+    the wrappers (they are also appended to ``into.body``)."""
+    wrappers = []
+    for edit in edits:
+        wrapper = into.add(Op.INVOKE, EDIT_INVOKE, source=None)
+        into.enter(wrapper)
+        _copy_body(_flatten_invokes(edit.body), into, {})
+        into.exit()
+        wrappers.append(wrapper)
+    return wrappers
 
 
 def _flatten_invokes(body: list[Node]) -> list[Node]:

@@ -113,8 +113,11 @@ class Proxy:
     def save(self) -> "Proxy":
         """Keep this value after the run (chainable: ``x = model.layer.output.save()``)."""
         rec = self._recorder
-        if not rec.recording:
-            raise TraceError(".save() must be called inside the `with` block that created the proxy.")
+        if not rec.recording:  # a trace of a session that has closed: the session records now
+            current = _recording()
+            if current is None or current.graph is not rec.graph:
+                raise TraceError(".save() must be called inside the `with` block that created the proxy.")
+            rec = current
         rec.mark_saved(self)
         return self
 

@@ -174,8 +174,10 @@ class LanguageModel(NNsight):
 
     def _encode(self, source: Any, tokenizer_kwargs: dict) -> dict:
         tok = self.tokenizer
-        if isinstance(source, str) or (isinstance(source, list) and source and all(isinstance(s, str) for s in source)):
-            texts = [source] if isinstance(source, str) else source
+        if isinstance(source, str) or (
+            isinstance(source, (list, tuple)) and source and all(isinstance(s, str) for s in source)
+        ):  # a tuple of strings is what a DataLoader collates a batch of strings into
+            texts = [source] if isinstance(source, str) else list(source)
             encoded = tok(texts, return_tensors="pt", padding=True, **tokenizer_kwargs)
             # what HF users pass with model(**tokenizer(...)): every tokenizer output the forward accepts
             return {k: v for k, v in encoded.items() if k in _MODEL_INPUTS and _accepts(self._module, k)}

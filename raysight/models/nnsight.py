@@ -97,6 +97,19 @@ class NNsight(Envoy):
             raise ValueError("no invoke of this trace was given an input; give at least one invoke an input")
         return concatenate_inputs(prepared)
 
+    def _prepare_deferred(self, invoke: InvokeInputs, load: Any) -> InvokeInputs:
+        """An invoke whose inputs come from earlier values of a session is prepared when it runs."""
+        if invoke.batch_size >= 0:
+            return invoke
+        args, kwargs, batch_size = self._prepare_input(*load(invoke.args), **load(invoke.kwargs))
+        return InvokeInputs(args, kwargs, batch_size)
+
+    def session(self, backend: Any = None) -> Any:
+        """``with model.session() as session:`` — traces, loops and plain operations run as one graph at exit."""
+        from raysight.tracing.session import Session
+
+        return Session(backend=backend)
+
     def _ensure_dispatched(self) -> None:
         """Load real weights before a local run (a wrapped module already has them)."""
 

@@ -43,6 +43,10 @@ class _RegionEnd(Exception):
     """An open-ended region (``.all()``) found no further call of its module: it is over."""
 
 
+class StopLoop(Exception):
+    """``session.stop()`` was reached: ends the innermost ``session.iter`` loop, or the session outside loops."""
+
+
 class EarlyStop(Exception):
     """Raised inside the forward pass to end it when a STOP node runs (caught by the backend)."""
 
@@ -104,10 +108,19 @@ class Interleaver:
         nodes: list[Node],
         streams: list[tuple[list[Node], Optional[Rows], str]],
         module_at: Callable[[str], torch.nn.Module],
+        parent: Optional["Interleaver"] = None,
     ) -> None:
         self.nodes = nodes
-        self.env: list[Any] = [UNSET] * len(nodes)
-        self.remaining = [n.num_users for n in nodes]
+        if parent is None:
+            self.env: list[Any] = [UNSET] * len(nodes)
+            self.remaining = [n.num_users for n in nodes]
+            self.saved_values: dict[int, Any] = {}
+        else:  # a trace inside a session: one set of values for the whole session
+            self.env, self.remaining, self.saved_values = parent.env, parent.remaining, parent.saved_values
+            missing = len(nodes) - len(self.env)
+            if missing > 0:  # copies of persistent edits
+                self.env.extend([UNSET] * missing)
+                self.remaining.extend(n.num_users for n in nodes[-missing:])
         self.module_at = module_at
         self.counts: dict[tuple, int] = {}
         self.event: Optional[Event] = None
@@ -115,7 +128,6 @@ class Interleaver:
         self.executed = 0
         self.edit_start = len(nodes)  # nodes from this index on come from persistent edits and run first
         self._backwards: Optional[list[int]] = None
-        self.saved_values: dict[int, Any] = {}
         self.grad_overrides: dict[int, Any] = {}  # tensor node -> gradient set while its hook runs
         self.armed: list[tuple[Node, Stream]] = []  # gradient streams waiting for their backward pass
         self.streams: list[Stream] = []
@@ -249,6 +261,15 @@ class Interleaver:
                     for inner in node.body:
                         self._skip(inner)
                 continue
+            elif op is Op.TRACE:
+                self._run_trace(node)
+                self._set(node, None)
+                continue
+            elif op is Op.ITER:
+                yield from self._run_loop(node, stream)
+                continue
+            elif op is Op.STOP and node.target == "session":
+                raise StopLoop()
             elif op is Op.STOP:
                 while not self._stop_barrier(node, stream):
                     stream.waiting = node
@@ -441,6 +462,45 @@ class Interleaver:
         print(*self._load(node.args), **self._load(node.kwargs))  # the user asked for it: tracer.log
         return None
 
+    # -- sessions: traces and loops ---------------------------------------------------------------------------
+    def _run_trace(self, node: Node) -> None:
+        from raysight.runtime.execute import run_trace
+
+        spec = node.target
+        invokes = [spec.model._prepare_deferred(inv, self._load) for inv in spec.invokes]
+        forward_kwargs = self._load(spec.forward_kwargs)
+        run_trace(spec.model, node.body, self.nodes, invokes, forward_kwargs, spec.method, parent=self)
+
+    def _run_loop(self, node: Node, stream: Stream) -> Iterator[None]:
+        collection = self._load(node.args[0])
+        if not hasattr(collection, "__len__") or not hasattr(collection, "__iter__"):
+            raise annotate(
+                TypeError(
+                    f"session.iter() needs a collection with a length (list, tuple, tensor, DataLoader, "
+                    f"raysight.list()), got {type(collection).__name__}; wrap a generator in list(...)"
+                ),
+                node,
+            )
+        inner = [n for n in _walk(node.body)]
+        inside = {n.index for n in inner}
+        env, remaining = self.env, self.remaining
+        pinned = 1 << 40  # outer values the body uses must survive every iteration
+        remaining[node.index] = pinned
+        for n in inner:
+            for dep in n.deps:
+                if dep.index not in inside:
+                    remaining[dep.index] = pinned
+        for item in collection:
+            for n in inner:  # a fresh iteration: what the body computed last time is gone
+                env[n.index] = UNSET
+                remaining[n.index] = n.num_users
+            env[node.index] = item
+            self.executed += 1
+            try:
+                yield from self._run_body(node.body, stream)
+            except StopLoop:
+                break
+
     # -- several calls of a module (.all(), .iter[...]) -------------------------------------------------------
     def _arm_region(self, first: Node, body: list[Node], stream: Stream) -> None:
         """Move the multi-call reads of ``first``'s scope, and every later node of ``body`` that depends on them,
@@ -563,6 +623,13 @@ _OPS = {
     Op.SET_GRAD: Interleaver.set_grad,
     Op.LOG: Interleaver.log,
 }  # one interpreter method per op (COND, INVOKE, STOP and GRAD are handled by the stream itself)
+
+
+def _walk(body: list[Node]) -> Iterator[Node]:
+    for node in body:
+        yield node
+        if node.body is not None:
+            yield from _walk(node.body)
 
 
 def _select(value: Any, key: str) -> Any:

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from raysight.backends.base import InvokeInputs, Request
 from raysight.errors import TraceError
 from raysight.graph.graph import Graph
-from raysight.graph.passes import with_edits
 from raysight.graph.node import Calls, Node, Op, user_source
 from raysight.graph.proxy import _CURRENT, Proxy, current_recorder
 from raysight.tracing import creation
@@ -197,11 +196,21 @@ class Tracer:
     # -- context --------------------------------------------------------------------------------------------
     def __enter__(self) -> "Tracer":
         active = current_recorder()
+        self._session = None
         if active is not None and active.recording:
-            raise TraceError(
-                "a trace was opened inside another trace; close the first one, or group traces in "
-                "`with model.session():`"
-            )
+            if not getattr(active, "is_session", False):
+                raise TraceError(
+                    "a trace was opened inside another trace; close the first one, or group traces in "
+                    "`with model.session():`"
+                )
+            if not self._execute:
+                raise TraceError("model.edit() and model.scan() cannot be used inside a session; open them before it")
+            self._session = active  # record into the session's graph, inside a TRACE node
+            self.graph = active.graph
+            spec = TraceSpec(self.model, self.invokes, self._forward_kwargs, self._method)
+            self._trace_node = self.graph.add(Op.TRACE, spec, source=user_source(1))
+            self.graph.enter(self._trace_node)
+        self._depth = self.graph.depth  # invokes open at this depth
         if "einops" in sys.modules and "raysight.tracing.einops_backend" not in sys.modules:
             import raysight.tracing.einops_backend  # noqa: F401 - defining the backend registers it with einops
         self._token = _CURRENT.set(self)
@@ -221,6 +230,18 @@ class Tracer:
             self._implicit.__exit__(exc_type, exc, tb)
         self._implicit = None
         self._close()
+        if self._session is not None:
+            self.graph.exit()
+            if exc_type is None:
+                spec = self._trace_node.target
+                spec.forward_kwargs = self._to_arg(self._forward_kwargs)
+                deferred = [(inv.args, inv.kwargs) for inv in self.invokes if inv.batch_size < 0]
+                self._trace_node.set_args((deferred, spec.forward_kwargs))  # what the trace needs to start
+                self._session.adopt(self._saved)
+                self._saved = []
+                if not self.invokes:
+                    raise TraceError("a trace in a session was given no input and no `tracer.invoke(...)` was opened")
+            return False
         if exc_type is not None or not self._execute:
             return False
         if not self.invokes:
@@ -239,8 +260,7 @@ class Tracer:
             self._token = None
 
     def request(self) -> Request:
-        graph = with_edits(self.graph, self.model._edits)
-        return Request(graph, self.invokes, self._forward_kwargs, self._method, len(self.graph.nodes))
+        return Request(self.graph, self.invokes, self._forward_kwargs, self._method)
 
     def _run(self) -> None:
         backend = self._backend or _local_backend()
@@ -253,6 +273,31 @@ class Tracer:
 
     def __repr__(self) -> str:
         return f"<Tracer of {type(self.model).__name__}: {len(self.graph)} nodes, {len(self.invokes)} invokes>"
+
+
+class TraceSpec:
+    """The target of a TRACE node in a session: which model runs, with which inputs and forward arguments."""
+
+    __slots__ = ("model", "invokes", "forward_kwargs", "method")
+
+    def __init__(self, model: Any, invokes: list, forward_kwargs: dict, method: str) -> None:
+        self.model = model
+        self.invokes = invokes
+        self.forward_kwargs = forward_kwargs
+        self.method = method
+
+    def __repr__(self) -> str:
+        return f"{type(self.model).__name__}.{self.method}({len(self.invokes)} invokes)"
+
+
+def _has_proxy(value: Any) -> bool:
+    if isinstance(value, Proxy):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_proxy(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_proxy(v) for v in value.values())
+    return False
 
 
 def _local_backend() -> Any:
@@ -289,16 +334,19 @@ class Invoker:
                 "`with tracer.invoke(...)` block (or, for `model.trace(x)` with an input, put each input in its "
                 "own invoke and call `model.trace()` without one)"
             )
-        if tracer.graph.depth:
+        if tracer.graph.depth != tracer._depth:
             raise TraceError("tracer.invoke() must be opened directly in the trace, not inside a cond block")
         inputs, kwargs = self._raw
         scan = tracer._scan
         if "scan" in kwargs:
             kwargs = dict(kwargs)
             scan = kwargs.pop("scan") or scan
-        args, kwargs, batch_size = tracer.model._prepare_input(*inputs, **kwargs)
+        if _has_proxy((inputs, kwargs)):  # a session value: prepared when the trace runs
+            args, kwargs, batch_size = tracer._to_arg(inputs), tracer._to_arg(kwargs), -1
+        else:
+            args, kwargs, batch_size = tracer.model._prepare_input(*inputs, **kwargs)
         self.inputs, self.kwargs, self.batch_size = args, kwargs, batch_size
-        if scan and batch_size:
+        if scan and batch_size > 0:
             self.scan = tracer.scan_inputs(args, kwargs)
         tracer._full_scan = None
         self.index = len(tracer.invokes)

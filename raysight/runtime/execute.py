@@ -1,0 +1,89 @@
+"""Running requests: one trace against one forward pass, or a session (traces, loops and plain nodes).
+
+``run_trace`` batches the invokes, installs the hooks the graph needs, runs the model and removes the hooks. In a
+session the same happens for each TRACE node, with the session's values shared: a trace reads what earlier nodes
+computed and leaves what later nodes need.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from raysight.graph.graph import Graph
+from raysight.graph.node import Node, Op
+from raysight.graph.passes import EDIT_INVOKE, copy_edits
+from raysight.runtime.batching import Rows
+from raysight.runtime.hooks import HookSet
+from raysight.runtime.interpreter import EarlyStop, Interleaver, StopLoop
+
+
+def run_trace(
+    model: Any,
+    body: list[Node],
+    nodes: list[Node],
+    invokes: list[Any],
+    forward_kwargs: dict,
+    method: str,
+    parent: Optional[Interleaver] = None,
+) -> Interleaver:
+    """Run the nodes of ``body`` (a trace) interleaved with one run of ``model``; return the interleaver."""
+    model._ensure_dispatched()
+    edit_start = len(nodes)
+    if model._edits:  # persistent edits: copies with their own indices, run first, see the whole batch
+        scratch = Graph()
+        scratch.nodes.extend(nodes)
+        body = copy_edits(model._edits, scratch) + list(body)
+        nodes = scratch.nodes
+    streams = _streams(body, invokes)
+    interleaver = Interleaver(nodes, streams, model._module_at, parent=parent)
+    interleaver.edit_start = edit_start
+    args, kwargs = model._batch_inputs(invokes)
+    if forward_kwargs:
+        kwargs = {**kwargs, **forward_kwargs}
+    locations = {n.target for n in _walk(body) if n.op is Op.READ or n.op is Op.WRITE}
+    with HookSet(model._module_at, locations, interleaver):
+        interleaver.start()
+        try:
+            model._execute(method, args, kwargs)
+        except EarlyStop:
+            return interleaver
+        interleaver.finish()
+    return interleaver
+
+
+def run_session(graph: Graph) -> dict[int, Any]:
+    """Run a session graph from top to bottom; return the saved values by node index."""
+    interleaver = Interleaver(graph.nodes, [(graph.body, None, "the session")], _no_module)
+    try:
+        interleaver.start()
+    except StopLoop:
+        pass  # session.stop() outside any loop: the session ends here
+    return interleaver.results()
+
+
+def _streams(body: list, invokes: list) -> list[tuple[list, Optional[Rows], str]]:
+    sizes = [inv.batch_size for inv in invokes]
+    total = sum(sizes)
+    streams: list[tuple[list, Optional[Rows], str]] = []
+    for node in body:
+        if node.op is Op.INVOKE and node.target == EDIT_INVOKE:
+            streams.append((node.body, None, "an edit of the model"))
+        elif node.op is Op.INVOKE:
+            i = node.target
+            whole = sizes[i] == total or sizes[i] == 0  # an invoke without input sees the whole batch
+            rows = None if whole else Rows(sum(sizes[:i]), sizes[i], total)
+            streams.append((node.body, rows, f"invoke {i}"))
+    if len(streams) < len(body):  # there is code outside the invokes
+        streams.append((body, None, "the code outside invokes"))
+    return streams
+
+
+def _walk(body: list[Node]) -> Any:
+    for node in body:
+        yield node
+        if node.body is not None:
+            yield from _walk(node.body)
+
+
+def _no_module(path: str) -> Any:
+    raise RuntimeError(f"module {path!r} was accessed outside any trace of the session")

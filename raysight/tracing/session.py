@@ -1,0 +1,136 @@
+"""Session: several traces, loops, conditions and plain operations recorded as one graph and run at exit.
+
+A session is a graph like a trace's: each trace in it becomes a TRACE node whose body holds the trace's nodes,
+``session.iter`` an ITER node, ``session.cond`` a COND node. Values flow between traces without ``.save()``
+(they share the session's values), including as a later trace's input. While a session records, constructing
+``torch.nn.Parameter``, ``torch.nn.Linear``, ``torch.optim`` optimizers and ``DataLoader``s records nodes too,
+so a training loop runs where the model runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from raysight.backends.base import Request
+from raysight.errors import TraceError
+from raysight.graph.graph import Graph
+from raysight.graph.node import Node, Op, user_source
+from raysight.graph.proxy import _CURRENT, Proxy, current_recorder
+from raysight.tracing import training
+from raysight.tracing.tracer import Block, Tracer
+
+
+class Session:
+    """``with model.session() as session:`` — see the module docstring."""
+
+    is_session = True
+
+    def __init__(self, backend: Any = None) -> None:
+        self.graph = Graph()
+        self.recording = False
+        self._backend = backend
+        self._saved: list[Proxy] = []
+        self._token: Any = None
+
+    # -- the recorder protocol (shared with Tracer) ---------------------------------------------------------
+    record = Tracer.record
+    _to_arg = Tracer._to_arg
+    _mode = None
+    model = None
+
+    def mark_saved(self, proxy: Proxy) -> None:
+        proxy.node.saved = True
+        self._saved.append(proxy)
+
+    def adopt(self, saved: list[Proxy]) -> None:
+        """A trace of this session hands over the proxies it saved."""
+        self._saved.extend(saved)
+
+    # -- the user's API -------------------------------------------------------------------------------------
+    def iter(self, collection: Any, return_context: bool = False) -> "Loop":
+        """``with session.iter(collection) as item:`` runs the body once per element when the session runs."""
+        if not isinstance(collection, Proxy) and not hasattr(collection, "__len__"):
+            raise TypeError(
+                f"session.iter() needs a collection with a length (list, tuple, tensor, DataLoader, raysight.list()), "
+                f"got {type(collection).__name__}; wrap a generator in list(...)"
+            )
+        node = self.graph.add(Op.ITER, None, self._to_arg((collection,)), None, user_source(1))
+        return Loop(self, node, return_context)
+
+    def cond(self, predicate: Any) -> Block:
+        """``with session.cond(pred):`` runs its body (traces or plain operations) only if ``pred`` is true."""
+        return Block(self, self.record(Op.COND, None, (predicate,)).node)
+
+    def stop(self) -> None:
+        """End the session here; inside a ``session.iter`` body, end that loop only."""
+        self.record(Op.STOP, "session")
+
+    exit = stop
+
+    def log(self, *values: Any, **print_kwargs: Any) -> None:
+        """Print the real values when the session runs."""
+        self.record(Op.LOG, None, values, print_kwargs)
+
+    def apply(self, fn: Any, *args: Any, **kwargs: Any) -> Proxy:
+        """Call ``fn(*args, **kwargs)`` as one node when the session runs."""
+        return self.record(Op.CALL_FUNCTION, fn, args, kwargs)
+
+    # -- context --------------------------------------------------------------------------------------------
+    def __enter__(self) -> "Session":
+        active = current_recorder()
+        if active is not None and active.recording:
+            kind = "session" if getattr(active, "is_session", False) else "trace"
+            raise TraceError(f"a session was opened inside a {kind}; sessions cannot be nested")
+        self._token = _CURRENT.set(self)
+        self.recording = True
+        training.enable()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self.recording = False
+        training.disable()
+        _CURRENT.reset(self._token)
+        if exc_type is not None:
+            return False
+        backend = self._backend
+        if backend is None:
+            from raysight.tracing.tracer import _local_backend
+
+            backend = _local_backend()
+        results = backend(None, Request(self.graph, [], {}, "session"))
+        for proxy in self._saved:
+            index = proxy.node.index
+            if index in results:
+                object.__setattr__(proxy, "_value", results[index])
+        self._saved = []
+        return False
+
+    def __repr__(self) -> str:
+        return f"<Session: {len(self.graph)} nodes>"
+
+
+class Loop(Block):
+    """The context of ``session.iter``: yields the element proxy (and, with ``return_context``, the loop)."""
+
+    def __init__(self, session: Session, node: Node, return_context: bool) -> None:
+        super().__init__(session, node)
+        self._return_context = return_context
+
+    def __enter__(self) -> Any:  # type: ignore[override]
+        super().__enter__()
+        item = Proxy(self.node, self.recorder)
+        return (item, self) if self._return_context else item
+
+    def cond(self, predicate: Any) -> Block:
+        return Block(self.recorder, self.recorder.record(Op.COND, None, (predicate,)).node)
+
+    def stop(self) -> None:
+        """End this loop when reached."""
+        self.recorder.record(Op.STOP, "session")
+
+    exit = stop
+
+    def log(self, *values: Any, **print_kwargs: Any) -> None:
+        self.recorder.record(Op.LOG, None, values, print_kwargs)
+
+
