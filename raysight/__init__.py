@@ -45,6 +45,10 @@ def __getattr__(name: str) -> object:
         from raysight.models.language import LanguageModel
 
         return LanguageModel
+    if name == "train":
+        import raysight.train as train
+
+        return train
     raise AttributeError(f"module 'raysight' has no attribute {name!r}")
 
 __all__ = [

@@ -1,0 +1,161 @@
+"""LoRA adapters for raysight models: ``y = module(x) + (x @ A @ B) * alpha / rank`` on chosen modules.
+
+``LoRA(model, "model.layers.*.self_attn.q_proj", rank=4)`` creates one adapter per matching ``nn.Linear``-like
+module (its ``in_features``/``out_features``; or pass ``dims=(in, out)``). Inside a trace, ``lora.attach()`` records
+the adapted outputs (so it works in any trace, session or generate); ``lora.weights()`` gives the adapter tensors and
+``lora.to_arrow()`` a ``pyarrow.Table`` of them. ``train_lora`` runs a training loop as a raysight session (the loop
+runs where the model runs) and returns per-step metrics and final weights as Arrow tables.
+
+Parameters are created with ``torch.nn.parameter.Parameter`` directly, so they are real tensors even when the
+adapter is built inside a session.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch.nn.parameter import Parameter
+
+import raysight
+
+
+class LoRA:
+    """Rank-``rank`` adapters on the modules of ``model`` whose path matches ``pattern`` (``fnmatch`` style)."""
+
+    def __init__(
+        self,
+        model: Any,
+        pattern: str,
+        rank: int = 4,
+        alpha: Optional[float] = None,
+        dims: Optional[tuple[int, int]] = None,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if rank < 1:
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        matches = [(path, envoy) for path, envoy in model.named_modules() if path and fnmatch.fnmatchcase(path, pattern)]
+        if not matches:
+            raise ValueError(f"no module of the model matches {pattern!r}; print the model to see its module paths")
+        self.model = model
+        self.pattern = pattern
+        self.rank = rank
+        self.scale = (alpha if alpha is not None else rank) / rank
+        self.adapters: dict[str, tuple[Parameter, Parameter]] = {}
+        generator = torch.Generator().manual_seed(seed)
+        for path, envoy in matches:
+            d_in, d_out = dims or _linear_dims(envoy._module, path)
+            a = torch.empty(d_in, rank, dtype=dtype)
+            bound = 1 / math.sqrt(d_in)  # as peft: A random (kaiming-uniform scale), B zero => starts as identity
+            a.uniform_(-bound, bound, generator=generator)
+            self.adapters[path] = (Parameter(a), Parameter(torch.zeros(rank, d_out, dtype=dtype)))
+        self._envoys = dict(matches)
+
+    def parameters(self) -> list[Parameter]:
+        return [p for pair in self.adapters.values() for p in pair]
+
+    def attach(self, scale: float = 1.0) -> None:
+        """Inside a trace: add each adapter's update to its module's output (recorded, not run now)."""
+        for path, (a, b) in self.adapters.items():
+            envoy = self._envoys[path]
+            x = envoy.input
+            envoy.output = envoy.output + (x @ a @ b) * (self.scale * scale)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """``{"<path>.A": tensor, "<path>.B": tensor}`` (detached copies)."""
+        out = {}
+        for path, (a, b) in self.adapters.items():
+            out[f"{path}.A"] = a.detach().clone()
+            out[f"{path}.B"] = b.detach().clone()
+        return out
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        for path, (a, b) in self.adapters.items():
+            with torch.no_grad():
+                a.copy_(weights[f"{path}.A"])
+                b.copy_(weights[f"{path}.B"])
+
+    def to_arrow(self) -> Any:
+        """One row per adapter matrix: name, shape, dtype and the values (flattened, float32)."""
+        import pyarrow as pa
+
+        names, shapes, dtypes, values = [], [], [], []
+        for name, tensor in self.weights().items():
+            names.append(name)
+            shapes.append(list(tensor.shape))
+            dtypes.append(str(tensor.dtype).removeprefix("torch."))
+            values.append(tensor.float().flatten().tolist())
+        return pa.table({"name": names, "shape": shapes, "dtype": dtypes, "values": values})
+
+    def __repr__(self) -> str:
+        return f"LoRA(rank={self.rank}, modules={list(self.adapters)})"
+
+
+@dataclass
+class TrainResult:
+    """What ``train_lora`` returns: ``metrics`` (one row per step: step, loss) and ``weights`` (``LoRA.to_arrow``)."""
+
+    metrics: Any
+    weights: Any
+
+
+def train_lora(
+    model: Any,
+    lora: LoRA,
+    batches: Iterable[Any],
+    loss_fn: Callable[[Any, Any], Any],
+    lr: float = 1e-3,
+    optimizer: str = "AdamW",
+    forward: Optional[Callable[[Any, Any], Any]] = None,
+) -> TrainResult:
+    """Train ``lora`` on ``batches`` as one raysight session.
+
+    Each batch is a model input (or, with ``forward``, anything ``forward(model, batch)`` turns into the proxy the
+    loss is computed from); ``loss_fn(output_proxy, batch)`` builds the loss inside the trace (default output: the
+    model's logits). Returns per-step losses and the final adapter weights as Arrow tables.
+    """
+    import pyarrow as pa
+
+    batches = list(batches)
+    if not batches:
+        raise ValueError("train_lora needs at least one batch")
+    if not isinstance(getattr(torch.optim, optimizer, None), type):
+        raise ValueError(f"optimizer={optimizer!r} is not a torch.optim optimizer (e.g. 'AdamW', 'SGD')")
+    with model.session() as session:
+        opt = getattr(torch.optim, optimizer)(lora.parameters(), lr=lr)  # looked up now: a node of the session
+        losses = raysight.list().save()
+        with session.iter(batches) as batch:
+            inputs = batch["input"] if _is_mapping(batches[0]) else batch
+            with model.trace(inputs):
+                lora.attach()
+                output = forward(model, batch) if forward is not None else _logits(model)
+                loss = loss_fn(output, batch)
+                losses.append(loss.detach().item())
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+    steps = list(range(len(losses.value)))
+    metrics = pa.table({"step": pa.array(steps, pa.int64()), "loss": pa.array(losses.value, pa.float64())})
+    return TrainResult(metrics=metrics, weights=lora.to_arrow())
+
+
+def _logits(model: Any) -> Any:
+    output = model.output
+    return output.logits if hasattr(model._module, "config") else output
+
+
+def _is_mapping(value: Any) -> bool:
+    return isinstance(value, dict) and "input" in value
+
+
+def _linear_dims(module: torch.nn.Module, path: str) -> tuple[int, int]:
+    d_in, d_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if d_in is None or d_out is None:
+        raise ValueError(
+            f"{path} ({type(module).__name__}) has no in_features/out_features; give dims=(in, out) for LoRA on it"
+        )
+    return int(d_in), int(d_out)
