@@ -86,7 +86,8 @@ class LanguageModel(NNsight):
         if device_map is not None:
             load_kwargs["device_map"] = device_map
         if isinstance(model, torch.nn.Module):
-            module, source, loaded = model, getattr(getattr(model, "config", None), "_name_or_path", None), True
+            source = getattr(getattr(model, "config", None), "_name_or_path", None) or None  # "" for from_config
+            module, loaded = model, True
         else:
             source = str(model)
             config = _load_config(source, from_pretrained_kwargs)
@@ -143,13 +144,24 @@ class LanguageModel(NNsight):
         return self._module.config
 
     # -- tracing entry points -------------------------------------------------------------------------------
+    def trace(self, *inputs: Any, **kwargs: Any) -> Any:
+        """As :meth:`NNsight.trace`; ``model.trace(input_ids=..., attention_mask=...)`` also works as the input."""
+        if not inputs and "input_ids" in kwargs:
+            invoker = dict(kwargs.pop("invoker_args", None) or kwargs.pop("invoker_kwargs", None) or {})
+            invoker.update({k: kwargs.pop(k) for k in _MODEL_INPUTS if k in kwargs})
+            kwargs["invoker_args"] = invoker
+        return super().trace(*inputs, **kwargs)
+
     def generate(self, *inputs: Any, max_new_tokens: int = 1, backend: Any = None, **kwargs: Any) -> Tracer:
         """``with model.generate(x, max_new_tokens=N) as tracer:`` — interleave with HF ``generate``."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int (the number of tokens to add), got "
                              f"{max_new_tokens!r}")  # fmt: skip
         invoker_kwargs = kwargs.pop("invoker_args", None) or kwargs.pop("invoker_kwargs", None)
         scan, validate = kwargs.pop("scan", False), kwargs.pop("validate", False)
+        from raysight.models.nnsight import _local_only
+
+        _local_only(kwargs.pop("remote", False))
         return Tracer(self, inputs, invoker_kwargs=invoker_kwargs, forward_kwargs={"max_new_tokens": max_new_tokens,
                       **kwargs}, backend=backend, method="generate", scan=scan, validate=validate)  # fmt: skip
 
@@ -184,18 +196,17 @@ class LanguageModel(NNsight):
         if isinstance(source, dict) or hasattr(source, "data") and hasattr(source, "keys"):
             if "input_ids" not in source:
                 raise TypeError("a dict input needs an 'input_ids' entry (like a tokenizer's BatchEncoding)")
-            out = {k: _as_ids(source[k], k) for k in source.keys() if k in _MODEL_INPUTS}
+            out = {k: _as_ids(source[k], k) for k in source.keys() if k in _MODEL_INPUTS and _accepts(self._module, k)}
         elif isinstance(source, torch.Tensor) or isinstance(source, list):
+            if isinstance(source, list) and not source:
+                raise ValueError(f"an empty list is not a language-model input; {_ACCEPTED}")
             if isinstance(source, list) and source and isinstance(source[0], list):
                 if len({len(row) for row in source}) > 1:
                     padded = tok.pad({"input_ids": source}, return_tensors="pt")
                     return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
             out = {"input_ids": _as_ids(source, "input ids")}
         else:
-            raise TypeError(
-                f"cannot use a {type(source).__name__} as a language-model input; give a string, a list of strings, "
-                "token ids (list, list of lists, 1-D/2-D tensor) or a dict/BatchEncoding with 'input_ids'"
-            )
+            raise TypeError(f"cannot use a {type(source).__name__} as a language-model input; {_ACCEPTED}")
         out.setdefault("attention_mask", torch.ones_like(out["input_ids"]))
         return out
 
@@ -211,7 +222,13 @@ class LanguageModel(NNsight):
             if any(key not in e for e in encodings):
                 raise ValueError(f"some invokes give {key!r} and others do not; give it in every invoke or none")
             fill = pad_id if key == "input_ids" else _PAD_VALUES.get(key, 0)
-            batch[key] = torch.cat([_pad(e[key], length, fill, left) for e in encodings], dim=0)
+            pieces = [_pad(e[key], length, fill, left) for e in encodings]
+            if key == "labels" and left:
+                for e, piece in zip(encodings, pieces):
+                    missing = length - e[key].shape[1]
+                    if missing:  # alone, a prompt's first token is never a target; padded, a pad would predict it
+                        piece[:, missing] = -100
+            batch[key] = torch.cat(pieces, dim=0)
         return (), batch
 
     def _execute(self, method: str, args: tuple, kwargs: dict) -> Any:
@@ -244,13 +261,27 @@ def _pad(t: torch.Tensor, length: int, fill: int, left: bool) -> torch.Tensor:
     return torch.cat([pad, t] if left else [t, pad], dim=1)
 
 
+_ACCEPTED = ("give a string, a list of strings, token ids (a list of ints, a list of lists of ints, a 1-D/2-D "
+             "integer tensor) or a dict/BatchEncoding with 'input_ids'")
+
+
 def _as_ids(value: Any, what: str) -> torch.Tensor:
-    t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+    if isinstance(value, torch.Tensor):
+        t = value
+    else:
+        rows = value if value and isinstance(value[0], (list, tuple)) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for row in rows for v in row):
+            raise TypeError(f"{what} must be whole numbers; {_ACCEPTED}")
+        t = torch.tensor(value)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{what} must be an integer tensor, got dtype {t.dtype}; {_ACCEPTED}")
     if t.dim() == 1:
         t = t.unsqueeze(0)
     if t.dim() != 2:
         raise TypeError(f"{what} must be 1-D or 2-D token ids, got shape {tuple(t.shape)}")
-    return t.long() if not t.is_floating_point() else t
+    if t.numel() == 0:
+        raise ValueError(f"{what} is empty; an invoke needs at least one token")
+    return t.long()
 
 
 def _dtype(value: Any) -> torch.dtype:

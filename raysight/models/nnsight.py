@@ -58,6 +58,7 @@ class NNsight(Envoy):
         invoker_kwargs: Optional[dict] = None,
         scan: bool = False,
         validate: bool = False,
+        remote: Any = False,
         backend: Any = None,
         **kwargs: Any,
     ) -> Any:
@@ -67,6 +68,7 @@ class NNsight(Envoy):
         With ``trace=False`` the model runs at once and its output is returned. ``scan=True`` gives proxies concrete
         shapes while tracing (a fake run first); ``validate=True`` also checks every operation on fake values.
         """
+        _local_only(remote)
         if not trace:  # run now; still through a trace, so persistent edits apply
             with Tracer(self, inputs, invoker_kwargs=invoker_args or invoker_kwargs, forward_kwargs=kwargs):
                 output = self.output.save()
@@ -104,10 +106,11 @@ class NNsight(Envoy):
         args, kwargs, batch_size = self._prepare_input(*load(invoke.args), **load(invoke.kwargs))
         return InvokeInputs(args, kwargs, batch_size)
 
-    def session(self, backend: Any = None) -> Any:
+    def session(self, remote: Any = False, backend: Any = None) -> Any:
         """``with model.session() as session:`` — traces, loops and plain operations run as one graph at exit."""
         from raysight.tracing.session import Session
 
+        _local_only(remote)
         return Session(backend=backend)
 
     def _ensure_dispatched(self) -> None:
@@ -121,6 +124,14 @@ class NNsight(Envoy):
         if envoy is None:
             return self._module.get_submodule(path)
         return envoy._module
+
+
+def _local_only(remote: Any) -> None:
+    if remote:
+        raise NotImplementedError(
+            f"remote={remote!r}: running graphs elsewhere (the wire format and the Ray backend) is not built yet; "
+            "use remote=False"
+        )
 
 
 class Edit:

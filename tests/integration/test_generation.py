@@ -1,0 +1,207 @@
+"""``model.generate(...)`` interleaved with HF ``generate``: generated ids, per-step module values (``.next()``,
+``.all()``), several invokes, the streamer hook point, and bad arguments. The oracle is plain greedy HF ``generate``
+on the same checkpoint (min_new_tokens = max_new_tokens on both sides so that an early eos cannot end either)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import raysight
+from conftest import ARCHS, PROMPTS, assert_no_hooks, encode, hf_module, oracle_generate
+
+ATOL = 1e-5
+N = 4
+TEXT = PROMPTS[0]
+
+
+def _generate_alone(ref, tok, text, n=N, **kwargs):
+    return oracle_generate(ref, encode(ref, tok, text), n, **kwargs)
+
+
+def _assert_row_is(row: torch.Tensor, expected: torch.Tensor, pad_id: int) -> None:
+    """``row`` (1, L) is ``expected`` (1, n) left-padded with ``pad_id``."""
+    n = expected.shape[1]
+    assert row.shape[0] == 1 and row.shape[1] >= n
+    assert torch.equal(row[:, -n:], expected), (row, expected)
+    assert (row[:, :-n] == pad_id).all(), row
+
+
+class _Recorder:
+    """A minimal HF streamer: records every ``put``."""
+
+    def __init__(self) -> None:
+        self.puts: list[torch.Tensor] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.detach().clone())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generator_output_equals_hf_generate(arch, lms, oracles, lm_tokenizer):
+    model, ref = lms[arch], oracles[arch]
+    with model.generate(TEXT, max_new_tokens=N, min_new_tokens=N):
+        ids = model.generator.output.save()
+    expected = _generate_alone(ref, lm_tokenizer, TEXT)
+    assert expected.shape[1] == len(lm_tokenizer(TEXT)["input_ids"]) + N
+    assert torch.equal(ids.value, expected)
+
+
+def test_default_max_new_tokens_is_one(llama, llama_ref, lm_tokenizer):
+    with llama.generate(TEXT):
+        ids = llama.generator.output.save()
+    expected = _generate_alone(llama_ref, lm_tokenizer, TEXT, n=1, exact=False)
+    assert expected.shape[1] == len(lm_tokenizer(TEXT)["input_ids"]) + 1
+    assert torch.equal(ids.value, expected)
+
+
+def test_next_steps_the_head_through_generation(llama, llama_ref, lm_tokenizer):
+    with llama.generate(TEXT, max_new_tokens=N, min_new_tokens=N):
+        steps = [llama.lm_head.output.save()]
+        for _ in range(N - 1):
+            steps.append(llama.lm_head.next().output.save())
+    expected = _generate_alone(llama_ref, lm_tokenizer, TEXT, output_logits=True, return_dict_in_generate=True)
+    assert len(expected.logits) == N
+    for k, (got, want) in enumerate(zip(steps, expected.logits)):
+        assert torch.allclose(got.value[:, -1], want, atol=ATOL), f"step {k}"
+    # the steps really differ (the test would not notice a step that re-reads step 0 otherwise)
+    assert not torch.allclose(expected.logits[0], expected.logits[1])
+
+
+def test_all_collects_the_head_output_of_every_step(llama, llama_ref, lm_tokenizer):
+    with llama.generate(TEXT, max_new_tokens=N, min_new_tokens=N):
+        logits = raysight.list().save()
+        with llama.lm_head.all():
+            logits.append(llama.lm_head.output[:, -1])
+    expected = _generate_alone(llama_ref, lm_tokenizer, TEXT, output_logits=True, return_dict_in_generate=True)
+    assert len(logits.value) == N
+    for k, (got, want) in enumerate(zip(logits.value, expected.logits)):
+        assert torch.allclose(got, want, atol=ATOL), f"step {k}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_invokes_of_different_lengths_each_equal_their_own_generate(arch, lms, oracles, lm_tokenizer):
+    model, ref = lms[arch], oracles[arch]
+    with model.generate(max_new_tokens=N, min_new_tokens=N) as tracer:
+        outputs = []
+        for text in PROMPTS:
+            with tracer.invoke(text):
+                outputs.append(model.generator.output.save())
+    for text, ids in zip(PROMPTS, outputs):
+        _assert_row_is(ids.value, _generate_alone(ref, lm_tokenizer, text), model.tokenizer.pad_token_id)
+
+
+def test_next_in_a_padded_invoke_equals_its_own_generate_logits(llama, llama_ref, lm_tokenizer):
+    short = "hello"
+    with llama.generate(max_new_tokens=N, min_new_tokens=N) as tracer:
+        with tracer.invoke(TEXT):
+            pass
+        with tracer.invoke(short):
+            steps = [llama.lm_head.output.save()]
+            for _ in range(N - 1):
+                steps.append(llama.lm_head.next().output.save())
+    expected = _generate_alone(llama_ref, lm_tokenizer, short, output_logits=True, return_dict_in_generate=True)
+    for k, (got, want) in enumerate(zip(steps, expected.logits)):
+        assert got.value.shape[0] == 1
+        assert torch.allclose(got.value[:, -1], want, atol=ATOL), f"step {k}"
+
+
+def test_embeddings_read_in_one_invoke_written_into_another(gpt2, gpt2_ref, lm_tokenizer):
+    source, target = TEXT, "_ _ _ _ _ _ _ _ _ _"
+    n = 3
+    assert len(lm_tokenizer(source)["input_ids"]) == len(lm_tokenizer(target)["input_ids"])
+    with gpt2.generate(max_new_tokens=n, min_new_tokens=n) as tracer:
+        with tracer.invoke(source):
+            embeddings = gpt2.transformer.wte.output
+        with tracer.invoke(target):
+            gpt2.transformer.wte.output = embeddings
+            logits = raysight.list().save()
+            with gpt2.lm_head.all():
+                logits.append(gpt2.lm_head.output[:, -1])
+            ids = gpt2.generator.output.save()
+
+    # oracle: the target prompt alone, with a plain hook that swaps in the source's token embeddings at the first
+    # call of wte (the prompt pass; GPT-2 calls wte again for token_type_ids and at every later step)
+    with torch.no_grad():
+        source_embeddings = gpt2_ref.transformer.wte(encode(gpt2_ref, lm_tokenizer, source)["input_ids"])
+    calls = [0]
+
+    def swap(module, args, output):
+        calls[0] += 1
+        return source_embeddings if calls[0] == 1 else None
+
+    handle = gpt2_ref.transformer.wte.register_forward_hook(swap)
+    try:
+        expected = _generate_alone(gpt2_ref, lm_tokenizer, target, n=n, output_logits=True,
+                                   return_dict_in_generate=True)  # fmt: skip
+    finally:
+        handle.remove()
+    plain = _generate_alone(gpt2_ref, lm_tokenizer, target, n=n, output_logits=True, return_dict_in_generate=True)
+    assert not torch.allclose(plain.logits[0], expected.logits[0])  # the swap matters
+
+    assert torch.equal(ids.value, expected.sequences)
+    assert len(logits.value) == n
+    for k, (got, want) in enumerate(zip(logits.value, expected.logits)):
+        assert torch.allclose(got, want, atol=ATOL), f"step {k}"
+
+
+def test_streamer_hook_point_sees_each_steps_tokens(llama, llama_ref, lm_tokenizer):
+    with llama.generate(TEXT, max_new_tokens=N, min_new_tokens=N):
+        seen = raysight.list().save()
+        with llama.generator.streamer.all():
+            seen.append(llama.generator.streamer.output)
+    recorder = _Recorder()
+    _generate_alone(llama_ref, lm_tokenizer, TEXT, streamer=recorder)
+    assert len(recorder.puts) == N + 1  # the prompt, then one put per new token
+    assert len(seen.value) == len(recorder.puts)
+    for k, (got, want) in enumerate(zip(seen.value, recorder.puts)):
+        assert torch.equal(got.cpu(), want), f"put {k}"
+
+
+def test_a_users_streamer_still_receives_every_put(llama, llama_ref, lm_tokenizer):
+    mine = _Recorder()
+    with llama.generate(TEXT, max_new_tokens=N, min_new_tokens=N, streamer=mine):
+        llama.generator.output.save()
+    theirs = _Recorder()
+    _generate_alone(llama_ref, lm_tokenizer, TEXT, streamer=theirs)
+    assert len(mine.puts) == len(theirs.puts) == N + 1
+    for got, want in zip(mine.puts, theirs.puts):
+        assert torch.equal(got.cpu(), want)
+    assert mine.ended and theirs.ended
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_accepts_the_tokenizers_batch_encoding(arch, lms, oracles, lm_tokenizer):
+    model, ref = lms[arch], oracles[arch]
+    enc = model.tokenizer(TEXT, return_tensors="pt")  # a BERT tokenizer also returns token_type_ids
+    with model.generate(enc, max_new_tokens=N, min_new_tokens=N):
+        ids = model.generator.output.save()
+    assert torch.equal(ids.value, _generate_alone(ref, lm_tokenizer, TEXT))
+    assert_no_hooks(hf_module(model))
+
+
+@pytest.mark.parametrize("bad", [0, -1], ids=["zero", "negative"])
+def test_max_new_tokens_below_one_raises_valueerror(bad, llama, count_calls):
+    module = hf_module(llama)
+    with count_calls(module) as calls:
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            with llama.generate(TEXT, max_new_tokens=bad):
+                llama.generator.output.save()
+    assert calls[0] == 0
+    assert_no_hooks(module)
+
+
+def test_an_error_while_generating_leaves_no_hooks(llama):
+    module = hf_module(llama)
+    with pytest.raises(IndexError):
+        with llama.generate(TEXT, max_new_tokens=2):
+            llama.lm_head.output[:, :, 10**7].save()
+    assert_no_hooks(module)
+    # and the model still generates afterwards
+    with llama.generate(TEXT, max_new_tokens=2, min_new_tokens=2):
+        ids = llama.generator.output.save()
+    assert ids.shape[1] == len(llama.tokenizer(TEXT)["input_ids"]) + 2
