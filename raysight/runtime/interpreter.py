@@ -484,22 +484,34 @@ class Interleaver:
         inner = [n for n in _walk(node.body)]
         inside = {n.index for n in inner}
         env, remaining = self.env, self.remaining
-        pinned = 1 << 40  # outer values the body uses must survive every iteration
-        remaining[node.index] = pinned
+        # Outer values the body uses (and the loop's element) must survive every iteration: pin them, counting
+        # the body's uses, and release those uses once the loop is over.
+        uses: dict[int, int] = {node.index: 0}
         for n in inner:
             for dep in n.deps:
                 if dep.index not in inside:
-                    remaining[dep.index] = pinned
-        for item in collection:
-            for n in inner:  # a fresh iteration: what the body computed last time is gone
-                env[n.index] = UNSET
-                remaining[n.index] = n.num_users
-            env[node.index] = item
-            self.executed += 1
-            try:
-                yield from self._run_body(node.body, stream)
-            except StopLoop:
-                break
+                    uses[dep.index] = uses.get(dep.index, 0) + 1
+        before = {i: remaining[i] for i in uses}
+        pinned = 1 << 40
+        for i in uses:
+            remaining[i] = pinned
+        try:
+            for item in collection:
+                for n in inner:  # a fresh iteration: what the body computed last time is gone
+                    env[n.index] = UNSET
+                    remaining[n.index] = n.num_users
+                env[node.index] = item
+                self.executed += 1
+                try:
+                    yield from self._run_body(node.body, stream)
+                except StopLoop:
+                    break
+        finally:
+            for i, count in uses.items():
+                remaining[i] = before[i] - count
+                if remaining[i] <= 0 and not self.nodes[i].saved and env[i] is not SKIPPED:
+                    env[i] = FREED
+            self._release(node)  # the collection
 
     # -- several calls of a module (.all(), .iter[...]) -------------------------------------------------------
     def _arm_region(self, first: Node, body: list[Node], stream: Stream) -> None:

@@ -3,8 +3,8 @@
 A session is a graph like a trace's: each trace in it becomes a TRACE node whose body holds the trace's nodes,
 ``session.iter`` an ITER node, ``session.cond`` a COND node. Values flow between traces without ``.save()``
 (they share the session's values), including as a later trace's input. While a session records, constructing
-``torch.nn.Parameter``, ``torch.nn.Linear``, ``torch.optim`` optimizers and ``DataLoader``s records nodes too,
-so a training loop runs where the model runs.
+``torch.nn.Parameter``, ``torch.nn.Linear``, ``torch.optim`` optimizers and ``DataLoader``s records nodes too
+(:mod:`raysight.tracing.creation`), so a training loop runs where the model runs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from raysight.errors import TraceError
 from raysight.graph.graph import Graph
 from raysight.graph.node import Node, Op, user_source
 from raysight.graph.proxy import _CURRENT, Proxy, current_recorder
-from raysight.tracing import training
+from raysight.tracing import creation
 from raysight.tracing.tracer import Block, Tracer
 
 
@@ -83,12 +83,12 @@ class Session:
             raise TraceError(f"a session was opened inside a {kind}; sessions cannot be nested")
         self._token = _CURRENT.set(self)
         self.recording = True
-        training.enable()
+        creation.enable()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         self.recording = False
-        training.disable()
+        creation.disable()
         _CURRENT.reset(self._token)
         if exc_type is not None:
             return False
