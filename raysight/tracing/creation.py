@@ -4,11 +4,13 @@
   ``__torch_function__`` for a size given as one sequence, but rejects several positional sizes when one is a
   proxy before any dispatch happens.
 * Training objects (``torch.nn.Parameter``, ``torch.nn.Linear``, ``torch.optim`` optimizers, ``DataLoader``):
-  constructed while recording, they become nodes, so they are created (and trained) where the graph runs; they
-  are kept after the run (saved) so later traces can use them.
+  constructed while a session records, they become nodes, so they are created (and trained) where the graph runs;
+  they are kept after the run (saved) so later traces can use them. ``Parameter`` gets a recording ``__new__``;
+  the others are replaced in their modules by subclasses that record (``isinstance`` and subclassing keep
+  working in both cases).
 
-While a recorder is active (and only then) these names are swapped for wrappers, four dict updates in all; the
-wrappers call the original whenever no recorder is active in the calling context. Nothing is patched at import.
+The creation functions are swapped in while any trace or session records (one dict update); the wrappers call the
+original whenever no recorder is active in the calling context. Nothing is patched at import.
 """
 
 from __future__ import annotations
@@ -42,53 +44,101 @@ def _sized(original: Callable) -> Callable:
     return creation
 
 
-class _Recording(type):
-    """Stands in for a class while recording: calling it records a node; ``isinstance``/``issubclass`` checks and
-    attribute lookups (torch and libraries use them on these names) answer for the real class."""
-
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        original = cls.__dict__["__wrapped__"]
-        rec = current_recorder()
-        if rec is None or not rec.recording:
-            return original(*args, **kwargs)
-        proxy = rec.record(Op.CALL_FUNCTION, original, args, kwargs)
-        rec.mark_saved(proxy)  # training state outlives the run
-        return proxy
-
-    def __instancecheck__(cls, obj: Any) -> bool:
-        return isinstance(obj, cls.__dict__["__wrapped__"])
-
-    def __subclasscheck__(cls, sub: Any) -> bool:
-        return issubclass(sub, cls.__dict__["__wrapped__"])
-
-    def __getattr__(cls, name: str) -> Any:
-        return getattr(cls.__dict__["__wrapped__"], name)
+def _record_construction(cls: type, args: tuple, kwargs: dict) -> Any:
+    rec = current_recorder()
+    if rec is None or not rec.recording:
+        return None
+    proxy = rec.record(Op.CALL_FUNCTION, cls, args, kwargs)
+    rec.mark_saved(proxy)  # training state outlives the run
+    return proxy
 
 
-def _constructor(original: Any) -> Any:
-    return _Recording(original.__name__, (), {"__wrapped__": original, "__doc__": original.__doc__,
-                                              "__module__": original.__module__, "__qualname__": original.__qualname__})
+def _parameter_new() -> Any:
+    """``torch.nn.Parameter`` keeps its class (torch and libraries subclass it with metaclasses of their own, e.g.
+    FSDP's ``FlatParameter``); its own ``__new__`` is swapped for one that records."""
+    original = torch.nn.Parameter.__dict__["__new__"].__func__
+
+    def __new__(kind: type, *args: Any, **kwargs: Any) -> Any:
+        if kind is torch.nn.Parameter:
+            proxy = _record_construction(kind, args, kwargs)
+            if proxy is not None:
+                return proxy  # not a Parameter, so Python skips __init__
+        return original(kind, *args, **kwargs)
+
+    return staticmethod(__new__)
 
 
-def _build_tables() -> None:
+def _stand_in(original: type) -> type:
+    """A subclass of ``original`` that stands in for it in its module while a session records: calling it records
+    a node; ``isinstance``/``issubclass`` answer for ``original``; classes that subclass it meanwhile (a library
+    imported mid-session) construct as usual. (Setting ``__new__`` on these classes could not be undone.)"""
+
+    class Recording(type(original)):  # type: ignore[misc]
+        def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+            if cls is stand_in:
+                proxy = _record_construction(original, args, kwargs)
+                return proxy if proxy is not None else original(*args, **kwargs)
+            return super().__call__(*args, **kwargs)
+
+        def __instancecheck__(cls, obj: Any) -> bool:
+            return isinstance(obj, original) if cls is stand_in else super().__instancecheck__(obj)
+
+        def __subclasscheck__(cls, sub: Any) -> bool:
+            return issubclass(sub, original) if cls is stand_in else super().__subclasscheck__(sub)
+
+    stand_in = Recording(original.__name__, (original,), {"__module__": original.__module__,
+                         "__qualname__": original.__qualname__, "__doc__": original.__doc__})  # fmt: skip
+    return stand_in
+
+
+_constructor_tables: list[tuple[dict, dict, dict]] = []  # (namespace, stand-ins, originals)
+_parameter_news: list[Any] = []  # [recording __new__, original __new__]
+_constructors_active = 0
+
+
+def _build_constructor_tables() -> None:
     optimizers = [
         name
         for name, value in vars(torch.optim).items()
         if inspect.isclass(value) and issubclass(value, torch.optim.Optimizer) and value is not torch.optim.Optimizer
     ]
-    plan = [
-        (torch, _SIZED, _sized),
-        (torch.nn, ("Parameter", "Linear"), _constructor),
-        (torch.optim, tuple(optimizers), _constructor),
-        (torch.utils.data, ("DataLoader",), _constructor),
-    ]
-    for module, names, make in plan:
-        namespace = module.__dict__
-        originals = {name: namespace[name] for name in names}
-        _tables.append((namespace, {name: make(fn) for name, fn in originals.items()}, originals))
+    for module, names in ((torch.nn, ("Linear",)), (torch.optim, optimizers), (torch.utils.data, ("DataLoader",))):
+        originals = {name: module.__dict__[name] for name in names}
+        _constructor_tables.append((module.__dict__, {n: _stand_in(c) for n, c in originals.items()}, originals))
+    _parameter_news.extend([_parameter_new(), torch.nn.Parameter.__dict__["__new__"]])
+
+
+def enable_constructors() -> None:
+    """While a session records: constructing training objects records nodes (see the module docstring)."""
+    global _constructors_active
+    with _lock:
+        _constructors_active += 1
+        if _constructors_active == 1:
+            if not _constructor_tables:
+                _build_constructor_tables()
+            for namespace, stand_ins, _ in _constructor_tables:
+                namespace.update(stand_ins)
+            torch.nn.Parameter.__new__ = _parameter_news[0]
+
+
+def disable_constructors() -> None:
+    global _constructors_active
+    with _lock:
+        _constructors_active -= 1
+        if _constructors_active == 0:
+            for namespace, _, originals in _constructor_tables:
+                namespace.update(originals)
+            torch.nn.Parameter.__new__ = _parameter_news[1]
+
+
+def _build_tables() -> None:
+    namespace = torch.__dict__
+    originals = {name: namespace[name] for name in _SIZED}
+    _tables.append((namespace, {name: _sized(fn) for name, fn in originals.items()}, originals))
 
 
 def enable() -> None:
+    """While any trace or session records: creation functions accept several proxy sizes."""
     global _active
     with _lock:
         _active += 1
