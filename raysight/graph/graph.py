@@ -48,6 +48,11 @@ class Graph:
         self._stack.pop()
 
     @property
+    def current_body(self) -> list[Node]:
+        """The list new nodes are appended to."""
+        return self._stack[-1]
+
+    @property
     def depth(self) -> int:
         return len(self._stack) - 1
 

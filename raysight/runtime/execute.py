@@ -14,7 +14,7 @@ from raysight.graph.node import Node, Op
 from raysight.graph.passes import EDIT_INVOKE, copy_edits
 from raysight.runtime.batching import Rows
 from raysight.runtime.hooks import HookSet
-from raysight.runtime.interpreter import EarlyStop, Interleaver, StopLoop
+from raysight.runtime.interpreter import UNSET, EarlyStop, Interleaver, StopLoop
 
 
 def run_trace(
@@ -57,7 +57,16 @@ def run_session(graph: Graph) -> dict[int, Any]:
     try:
         interleaver.start()
     except StopLoop:
-        pass  # session.stop() outside any loop: the session ends here
+        return interleaver.results()  # session.stop() outside any loop: the session ends here
+    stream = interleaver.streams[0]
+    if not stream.done and stream.waiting is not None:
+        node = stream.waiting
+        missing = [d.name for d in node.deps if interleaver.env[d.index] is UNSET]
+        raise RuntimeError(
+            f"the session cannot go on: {node.format()} (created at {node.source}) waits for "
+            f"{', '.join(missing) or 'a value'}, which is computed inside it or never; compute trace inputs before "
+            "the trace opens"
+        )
     return interleaver.results()
 
 

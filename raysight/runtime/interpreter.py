@@ -253,7 +253,11 @@ class Interleaver:
                     if want in wants:
                         wants[want] -= 1
             elif op is Op.COND:
-                if self._load(node.args[0]):
+                try:
+                    taken = bool(self._load(node.args[0]))
+                except Exception as exc:
+                    raise annotate(exc, node) from None
+                if taken:
                     self._set(node, True)
                     yield from self._run_body(node.body, stream, step)
                 else:
@@ -451,7 +455,7 @@ class Interleaver:
 
     def set_grad(self, node: Node, stream: Stream, event: Any) -> None:
         tensor, grad = self._load(node.args)
-        key = node.args[0].index
+        key = _grad_key(node.args[0])
         if key in self.grad_overrides:  # inside that tensor's gradient hook: replaces the flowing gradient
             self.grad_overrides[key] = grad
         else:
@@ -558,7 +562,9 @@ class Interleaver:
         """``x.grad``: if a backward() is recorded after it, run the GRAD node and what depends on it inside a hook
         on ``x`` during that backward pass; otherwise it is the plain ``x.grad`` attribute (``retain_grad``)."""
         source = node.args[0]
-        tensor = self.env[source.index]
+        tensor = self._load(source)  # a node's value, or a tensor saved by an earlier trace
+        if not isinstance(source, Node):
+            source = _Constant(tensor)
         if not self._backward_after(node):
             self._set(node, tensor.grad)
             return
@@ -589,7 +595,7 @@ class Interleaver:
         grad_stream = Stream(f"{stream.label} (gradient of {source.name})", None)
         armed = (node, grad_stream)
         self.armed.append(armed)
-        key = source.index
+        key = _grad_key(node.args[0])
 
         def on_grad(grad: torch.Tensor) -> torch.Tensor:
             handle.remove()
@@ -635,6 +641,19 @@ _OPS = {
     Op.SET_GRAD: Interleaver.set_grad,
     Op.LOG: Interleaver.log,
 }  # one interpreter method per op (COND, INVOKE, STOP and GRAD are handled by the stream itself)
+
+
+class _Constant:
+    """Stands in for a node in messages about a tensor that came into the graph as a value."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.name = f"a {type(value).__name__} saved by an earlier run"
+        self.source = "an earlier trace"
+
+
+def _grad_key(arg: Any) -> Any:
+    return arg.index if isinstance(arg, Node) else ("value", id(arg))
 
 
 def _walk(body: list[Node]) -> Iterator[Node]:

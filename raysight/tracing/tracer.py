@@ -216,6 +216,7 @@ class Tracer:
         self._token = _CURRENT.set(self)
         self.recording = True
         creation.enable()
+        creation.enable_constructors()
         if self._inputs:
             self._implicit = Invoker(self, self._inputs, self._invoker_kwargs)
             try:
@@ -236,6 +237,7 @@ class Tracer:
                 spec = self._trace_node.target
                 spec.forward_kwargs = self._to_arg(self._forward_kwargs)
                 deferred = [(inv.args, inv.kwargs) for inv in self.invokes if inv.batch_size < 0]
+                self._hoist_inputs(deferred)
                 self._trace_node.set_args((deferred, spec.forward_kwargs))  # what the trace needs to start
                 self._session.adopt(self._saved)
                 self._saved = []
@@ -252,10 +254,36 @@ class Tracer:
         self._run()
         return False
 
+    def _hoist_inputs(self, inputs: Any) -> None:
+        """Nodes that compute an invoke's input (``tracer.invoke(h[:, :5])``) were recorded inside the trace, but
+        the trace needs them before it starts: move them in front of it, in the session."""
+        body = self._trace_node.body
+        inside = {n.index: n for n in body}
+        needed: dict[int, Node] = {}
+        stack = _nodes_in(inputs)
+        while stack:
+            node = stack.pop()
+            if node.index in inside and node.index not in needed:
+                if node.op is not Op.CALL_FUNCTION and node.op is not Op.CALL_METHOD and node.op is not Op.GET_ATTR:
+                    raise TraceError(
+                        f"an invoke's input depends on {node.format()} of the same trace; compute trace inputs from "
+                        "earlier traces of the session, before the trace opens"
+                    )
+                needed[node.index] = node
+                stack.extend(node.deps)
+        if not needed:
+            return
+        hoisted = [n for n in body if n.index in needed]
+        body[:] = [n for n in body if n.index not in needed]
+        parent = self.graph.current_body
+        at = parent.index(self._trace_node)
+        parent[at:at] = hoisted
+
     def _close(self) -> None:
         self.recording = False
         if self._token is not None:
             creation.disable()
+            creation.disable_constructors()
             _CURRENT.reset(self._token)
             self._token = None
 
@@ -288,6 +316,16 @@ class TraceSpec:
 
     def __repr__(self) -> str:
         return f"{type(self.model).__name__}.{self.method}({len(self.invokes)} invokes)"
+
+
+def _nodes_in(value: Any) -> list[Node]:
+    if isinstance(value, Node):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _nodes_in(v)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _nodes_in(v)]
+    return []
 
 
 def _has_proxy(value: Any) -> bool:
