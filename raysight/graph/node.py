@@ -129,7 +129,7 @@ def user_source(skip: int = 2) -> Optional[SourceLine]:
 class Node:
     """One operation in the graph. ``index`` is unique within the root graph and orders nodes as recorded."""
 
-    __slots__ = ("index", "op", "target", "args", "kwargs", "deps", "body", "saved", "source", "num_users")
+    __slots__ = ("index", "op", "target", "args", "kwargs", "deps", "body", "saved", "source", "num_users", "flat")
 
     def __init__(
         self,
@@ -146,7 +146,9 @@ class Node:
         self.target = target
         self.args = args
         self.kwargs = kwargs if kwargs is not None else {}
-        self.deps: tuple[Node, ...] = _collect_nodes(args, self.kwargs) if (args or kwargs) else ()
+        # flat: every node in the arguments is a direct positional or keyword argument, so loading them is a
+        # plain lookup (the interpreter's fast path); otherwise the arguments are walked
+        self.deps, self.flat = _scan_args(args, self.kwargs) if (args or kwargs) else ((), True)
         self.body = body
         self.saved = False
         self.source = source
@@ -158,6 +160,7 @@ class Node:
         """Give a node (a TRACE node, once its trace is recorded) the arguments it depends on."""
         self.args = args
         self.deps = _collect_nodes(args, self.kwargs)
+        self.flat = False
         for dep in self.deps:
             dep.num_users += 1
 
@@ -214,6 +217,33 @@ def _format_arg(a: Any) -> str:
         return f"tensor(shape={tuple(a.shape)}, dtype={a.dtype})"
     text = repr(a)
     return text if len(text) < 60 else text[:57] + "..."
+
+
+_LEAVES = frozenset({int, float, str, bool, type(None)})
+
+
+def _scan_args(args: tuple, kwargs: dict) -> tuple[tuple, bool]:
+    """The distinct nodes in the arguments, and whether all of them are direct arguments."""
+    deps: list[Node] = []
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        t = type(a)
+        if t is Node:
+            if a not in deps:
+                deps.append(a)
+        elif t is slice:
+            if type(a.start) in _LEAVES and type(a.stop) in _LEAVES and type(a.step) in _LEAVES:
+                continue
+            return _collect_nodes(args, kwargs), False
+        elif t not in _LEAVES and (t in (tuple, list, dict) or isinstance(a, (tuple, list, dict))):
+            return _collect_nodes(args, kwargs), _direct_only(args, kwargs)
+    return tuple(deps), True
+
+
+def _direct_only(args: tuple, kwargs: dict) -> bool:
+    for a in (*args, *kwargs.values()):
+        if type(a) is not Node and _collect_nodes((a,), {}):
+            return False
+    return True
 
 
 def _collect_nodes(args: tuple, kwargs: dict) -> tuple:

@@ -398,12 +398,23 @@ class Interleaver:
         return map_nodes(a, lambda n: env[n.index])
 
     # -- one method per op ----------------------------------------------------------------------------------
+    def _arguments(self, node: Node) -> tuple[tuple, dict]:
+        if node.flat:  # nodes only as direct arguments: no walk needed
+            env = self.env
+            args = tuple(env[a.index] if type(a) is Node else a for a in node.args)
+            kwargs = node.kwargs
+            if kwargs:
+                kwargs = {k: env[v.index] if type(v) is Node else v for k, v in kwargs.items()}
+            return args, kwargs
+        return self._load(node.args), self._load(node.kwargs)
+
     def call_function(self, node: Node, stream: Stream, event: Any) -> Any:
-        return node.target(*self._load(node.args), **self._load(node.kwargs))
+        args, kwargs = self._arguments(node)
+        return node.target(*args, **kwargs)
 
     def call_method(self, node: Node, stream: Stream, event: Any) -> Any:
-        obj, *args = self._load(node.args)
-        return getattr(obj, node.target)(*args, **self._load(node.kwargs))
+        (obj, *args), kwargs = self._arguments(node)
+        return getattr(obj, node.target)(*args, **kwargs)
 
     def get_attr(self, node: Node, stream: Stream, event: Any) -> Any:
         return getattr(self.env[node.args[0].index], node.target)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+import torch
+
 from raysight.backends.base import InvokeInputs, Request
 from raysight.errors import TraceError
 from raysight.graph.graph import Graph
 from raysight.graph.node import Calls, Node, Op, user_source
-from raysight.graph.proxy import _CURRENT, Proxy, current_recorder
+from raysight.graph.proxy import _CURRENT, Proxy, current_recorder, value_of
 from raysight.tracing import creation
 from raysight.tracing import scan as scan_mod
 
@@ -59,11 +61,13 @@ class Tracer:
         self._mode: Any = None  # the FakeTensorMode of scans, created on first use
         self._meta: dict[int, Any] = {}
         self._full_scan: Any = None
+        self._session: Any = None
 
     # -- the recorder protocol ------------------------------------------------------------------------------
     def record(self, op: Op, target: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Proxy:
         graph = self.graph
-        node = graph.add(op, target, self._to_arg(args), self._to_arg(kwargs) if kwargs else None, user_source(1))
+        node = graph.add(op, target, self._to_arg(args) if args else (), self._to_arg(kwargs) if kwargs else None,
+                         user_source(1))  # fmt: skip
         if self._mode is not None:
             self._record_meta(node)
         return Proxy(node, self)
@@ -123,6 +127,13 @@ class Tracer:
         self._saved.append(proxy)
 
     def _to_arg(self, a: Any) -> Any:
+        t = type(a)
+        if t in _PLAIN:
+            return a
+        if t is slice:
+            if type(a.start) in _PLAIN and type(a.stop) in _PLAIN and type(a.step) in _PLAIN:
+                return a
+            return slice(self._to_arg(a.start), self._to_arg(a.stop), self._to_arg(a.step))
         if isinstance(a, Proxy):
             if a._recorder.graph is self.graph:
                 return a.node
@@ -134,18 +145,13 @@ class Tracer:
                     "use a session (`with model.session():`) to pass values between traces"
                 )
             return a.value  # raises the "never set" ValueError with its hint
-        t = type(a)
         if t is tuple or t is list:
-            if all(type(x) in (int, float, str, bool) or x is None for x in a):
-                return a
-            return t(self._to_arg(x) for x in a)
+            return t([x if type(x) in _PLAIN else self._to_arg(x) for x in a])
         if isinstance(a, tuple):
             items = [self._to_arg(x) for x in a]
             return t(*items) if hasattr(t, "_fields") else t(items)
         if t is dict:
             return {k: self._to_arg(v) for k, v in a.items()}
-        if t is slice:
-            return slice(self._to_arg(a.start), self._to_arg(a.stop), self._to_arg(a.step))
         if getattr(a, "_raysight_envoy", False):
             return a._module
         return a
@@ -303,6 +309,9 @@ class Tracer:
         return f"<Tracer of {type(self.model).__name__}: {len(self.graph)} nodes, {len(self.invokes)} invokes>"
 
 
+_PLAIN = frozenset({int, float, str, bool, type(None), torch.Tensor, torch.nn.Parameter, torch.dtype, torch.device})
+
+
 class TraceSpec:
     """The target of a TRACE node in a session: which model runs, with which inputs and forward arguments."""
 
@@ -379,9 +388,11 @@ class Invoker:
         if "scan" in kwargs:
             kwargs = dict(kwargs)
             scan = kwargs.pop("scan") or scan
-        if _has_proxy((inputs, kwargs)):  # a session value: prepared when the trace runs
+        if tracer._session is not None and _has_proxy((inputs, kwargs)):  # a session value: prepared when it runs
             args, kwargs, batch_size = tracer._to_arg(inputs), tracer._to_arg(kwargs), -1
         else:
+            if any(isinstance(a, Proxy) for a in (*inputs, *kwargs.values())):  # saved by an earlier trace
+                inputs, kwargs = value_of(inputs), value_of(kwargs)
             args, kwargs, batch_size = tracer.model._prepare_input(*inputs, **kwargs)
         self.inputs, self.kwargs, self.batch_size = args, kwargs, batch_size
         if scan and batch_size > 0:
