@@ -16,5 +16,5 @@ class LocalBackend:
         if request.method == "session":
             return run_session(graph)
         interleaver = run_trace(model, graph.body, graph.nodes, request.invokes, request.forward_kwargs,
-                                request.method)  # fmt: skip
+                                request.method, locations=graph.locations())  # fmt: skip
         return interleaver.results()

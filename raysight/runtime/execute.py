@@ -25,6 +25,7 @@ def run_trace(
     forward_kwargs: dict,
     method: str,
     parent: Optional[Interleaver] = None,
+    locations: Optional[set] = None,
 ) -> Interleaver:
     """Run the nodes of ``body`` (a trace) interleaved with one run of ``model``; return the interleaver."""
     model._ensure_dispatched()
@@ -40,7 +41,8 @@ def run_trace(
     args, kwargs = model._batch_inputs(invokes)
     if forward_kwargs:
         kwargs = {**kwargs, **forward_kwargs}
-    locations = {n.target for n in _walk(body) if n.op is Op.READ or n.op is Op.WRITE}
+    if locations is None or model._edits:
+        locations = {n.target for n in _walk(body) if n.op is Op.READ or n.op is Op.WRITE}
     with HookSet(model._module_at, locations, interleaver):
         interleaver.start()
         try:

@@ -80,24 +80,26 @@ class Stream:
         self.pending: Optional[dict] = None  # events that fired while this stream was busy (ad-hoc hook=True)
         self.done = False
         self.body: list = []
-        self.wants: dict[tuple, int] = {}  # (event key, call) -> reads/writes of it this stream has still to run
+        self.wants: Optional[dict] = None  # see last_access (built only when a stream waits through an event)
         self.missed: Optional[dict] = None  # events it wanted that fired while it waited on something else
         self.moved: set[int] = set()  # nodes of its body handed to a gradient or multi-call stream
 
-    def count_wants(self) -> None:
-        """Count the single-call reads and writes of each (event key, call) this stream has still to run."""
-        wants: dict[tuple, int] = {}
-        stack = list(self.body)
-        while stack:
-            node = stack.pop()
-            if node.op is Op.READ or node.op is Op.WRITE:
-                loc = node.target
-                if type(loc.call) is int:
-                    want = ((loc.path, loc.is_input), loc.call)
-                    wants[want] = wants.get(want, 0) + 1
-            elif node.body is not None and node.op is not Op.INVOKE:
-                stack.extend(node.body)
-        self.wants = wants
+    def last_access(self) -> dict:
+        """(event key, call) -> the index of the last single-call read or write of it in this stream's body."""
+        if self.wants is None:
+            wants: dict[tuple, int] = {}
+            stack = list(self.body)
+            while stack:
+                node = stack.pop()
+                if node.op is Op.READ or node.op is Op.WRITE:
+                    loc = node.target
+                    if type(loc.call) is int:
+                        want = ((loc.path, loc.is_input), loc.call)
+                        wants[want] = max(wants.get(want, -1), node.index)
+                elif node.body is not None and node.op is not Op.INVOKE:
+                    stack.extend(node.body)
+            self.wants = wants
+        return self.wants
 
 
 class Interleaver:
@@ -134,7 +136,6 @@ class Interleaver:
         for body, rows, label in streams:
             stream = Stream(label, rows)
             stream.body = body
-            stream.count_wants()
             stream.gen = self._run_body(body, stream)
             self.streams.append(stream)
 
@@ -156,7 +157,8 @@ class Interleaver:
                     stream.pending[(key, call)] = event
             self._advance()
             for stream in self.streams:  # kept in case what a stream waits on never comes (see finish)
-                if stream.wants and stream.waiting is not None and stream.wants.get((key, call)):
+                waiting = stream.waiting
+                if waiting is not None and stream.last_access().get((key, call), -1) > waiting.index:
                     if stream.missed is None:
                         stream.missed = {}
                     stream.missed[(key, call)] = event
@@ -247,11 +249,6 @@ class Interleaver:
                     continue
                 if op is Op.READ:
                     stream.last_read = node.target
-                wants = stream.wants
-                if wants:
-                    want = (event.key, event.call)
-                    if want in wants:
-                        wants[want] -= 1
             elif op is Op.COND:
                 try:
                     taken = bool(self._load(node.args[0]))
