@@ -13,6 +13,7 @@ __all__ = [
     "InterventionError",
     "StructureError",
     "MissedProviderError",
+    "TimeLimitError",
 ]
 
 
@@ -38,3 +39,7 @@ class StructureError(InterventionError, TypeError):
 
 class MissedProviderError(RaysightError):
     """A module location the graph waits on fired fewer times than the graph asked for."""
+
+
+class TimeLimitError(RaysightError):
+    """A run went past the time limit of the server that ran it."""

@@ -159,9 +159,9 @@ class LanguageModel(NNsight):
                              f"{max_new_tokens!r}")  # fmt: skip
         invoker_kwargs = kwargs.pop("invoker_args", None) or kwargs.pop("invoker_kwargs", None)
         scan, validate = kwargs.pop("scan", False), kwargs.pop("validate", False)
-        from raysight.models.nnsight import _local_only
+        from raysight.models.nnsight import _backend_for
 
-        _local_only(kwargs.pop("remote", False))
+        backend = _backend_for(kwargs.pop("remote", False), backend)
         return Tracer(self, inputs, invoker_kwargs=invoker_kwargs, forward_kwargs={"max_new_tokens": max_new_tokens,
                       **kwargs}, backend=backend, method="generate", scan=scan, validate=validate)  # fmt: skip
 

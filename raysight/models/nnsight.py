@@ -68,9 +68,10 @@ class NNsight(Envoy):
         With ``trace=False`` the model runs at once and its output is returned. ``scan=True`` gives proxies concrete
         shapes while tracing (a fake run first); ``validate=True`` also checks every operation on fake values.
         """
-        _local_only(remote)
+        backend = _backend_for(remote, backend)
         if not trace:  # run now; still through a trace, so persistent edits apply
-            with Tracer(self, inputs, invoker_kwargs=invoker_args or invoker_kwargs, forward_kwargs=kwargs):
+            with Tracer(self, inputs, invoker_kwargs=invoker_args or invoker_kwargs, forward_kwargs=kwargs,
+                        backend=backend):  # fmt: skip
                 output = self.output.save()
             return output.value
         return Tracer(
@@ -110,8 +111,7 @@ class NNsight(Envoy):
         """``with model.session() as session:`` — traces, loops and plain operations run as one graph at exit."""
         from raysight.tracing.session import Session
 
-        _local_only(remote)
-        return Session(backend=backend)
+        return Session(backend=_backend_for(remote, backend))
 
     def _ensure_dispatched(self) -> None:
         """Load real weights before a local run (a wrapped module already has them)."""
@@ -126,12 +126,18 @@ class NNsight(Envoy):
         return envoy._module
 
 
-def _local_only(remote: Any) -> None:
-    if remote:
-        raise NotImplementedError(
-            f"remote={remote!r}: running graphs elsewhere (the wire format and the Ray backend) is not built yet; "
-            "use remote=False"
-        )
+def _backend_for(remote: Any, backend: Any) -> Any:
+    """``remote=False``: run here; ``remote="local"``: the full wire path in this process."""
+    if backend is not None or not remote:
+        return backend
+    if remote == "local":
+        from raysight.backends.wire import default_wire_backend
+
+        return default_wire_backend()
+    raise NotImplementedError(
+        f"remote={remote!r}: the Ray backend is not built yet; use remote=False, or remote='local' for the "
+        "serialized path in this process"
+    )
 
 
 class Edit:

@@ -26,6 +26,7 @@ def run_trace(
     method: str,
     parent: Optional[Interleaver] = None,
     locations: Optional[set] = None,
+    deadline: Optional[float] = None,
 ) -> Interleaver:
     """Run the nodes of ``body`` (a trace) interleaved with one run of ``model``; return the interleaver."""
     model._ensure_dispatched()
@@ -38,6 +39,8 @@ def run_trace(
     streams = _streams(body, invokes)
     interleaver = Interleaver(nodes, streams, model._module_at, parent=parent)
     interleaver.edit_start = edit_start
+    if deadline is not None:
+        interleaver.deadline = deadline
     args, kwargs = model._batch_inputs(invokes)
     if forward_kwargs:
         kwargs = {**kwargs, **forward_kwargs}
@@ -53,9 +56,10 @@ def run_trace(
     return interleaver
 
 
-def run_session(graph: Graph) -> dict[int, Any]:
+def run_session(graph: Graph, deadline: Optional[float] = None) -> dict[int, Any]:
     """Run a session graph from top to bottom; return the saved values by node index."""
     interleaver = Interleaver(graph.nodes, [(graph.body, None, "the session")], _no_module)
+    interleaver.deadline = deadline
     try:
         interleaver.start()
     except StopLoop:

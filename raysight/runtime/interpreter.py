@@ -13,11 +13,12 @@ its own (the GRAD node and what depends on it), run inside a tensor hook during 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from raysight.errors import InterventionError, MissedProviderError, OutOfOrderError
+from raysight.errors import InterventionError, MissedProviderError, OutOfOrderError, TimeLimitError
 from raysight.graph.node import Calls, Location, Node, Op, map_nodes
 from raysight.runtime.batching import Rows, narrow, replace_rows
 
@@ -124,6 +125,7 @@ class Interleaver:
                 self.env.extend([UNSET] * missing)
                 self.remaining.extend(n.num_users for n in nodes[-missing:])
         self.module_at = module_at
+        self.deadline: Optional[float] = parent.deadline if parent is not None else None  # time.monotonic()
         self.counts: dict[tuple, int] = {}
         self.event: Optional[Event] = None
         self.finished = False
@@ -361,6 +363,9 @@ class Interleaver:
     # -- values ---------------------------------------------------------------------------------------------
     def _set(self, node: Node, value: Any) -> None:
         self.executed += 1
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise annotate(TimeLimitError("the run went past its time limit (Limits.max_seconds); it was stopped "
+                                          "after this node"), node)  # fmt: skip
         if node.saved:
             self.saved_values[node.index] = value
             self.env[node.index] = value

@@ -1,0 +1,80 @@
+"""WireBackend: the whole remote path in this process (``remote="local"``).
+
+The request is encoded to bytes, decoded against the *server's* copy of each model (a deep copy built once per
+client model, so nothing the client holds is touched and weights the client never loaded stay unloaded there),
+run by the local runtime, and the saved values come back encoded the same way. ``serve`` is the server half, the
+part a model actor runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import weakref
+from typing import Any, Callable, Optional
+
+from raysight.backends.base import Request
+from raysight.graph.serialize import Limits, WireError, decode_request, decode_result, encode_request, encode_result
+from raysight.runtime.execute import run_session, run_trace
+
+
+def serve(payload: bytes, resolve_model: Callable[[int], Any], limits: Limits, trusted: bool) -> bytes:
+    """Decode a request, run it on the server's models, return the encoded saved values."""
+    decoded = decode_request(payload, limits, trusted, resolve_model)
+    models = {i: resolve_model(i) for i in range(len(decoded.models))}
+    for i, model in models.items():
+        model.__dict__["_edits"] = decoded.edits.get(i, [])  # the client's persistent edits, for this request
+    deadline = time.monotonic() + limits.max_seconds if limits.max_seconds else None
+    if decoded.method == "session":
+        saved = run_session(decoded.graph, deadline=deadline)
+    else:
+        model = models[decoded.model]
+        graph = decoded.graph
+        saved = run_trace(model, graph.body, graph.nodes, decoded.invokes, decoded.forward_kwargs, decoded.method,
+                          locations=graph.locations(), deadline=deadline).results()  # fmt: skip
+    return encode_result(saved, limits)
+
+
+class WireBackend:
+    """``model.trace(..., remote="local")``: serialize, run on a server-side copy, deserialize the results."""
+
+    def __init__(self, trusted: bool = True, limits: Optional[Limits] = None) -> None:
+        self.trusted = trusted
+        self.limits = limits or Limits()
+        self._servers: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+        self.last_request_bytes = 0
+
+    def __call__(self, model: Any, request: Request) -> dict[int, Any]:
+        models: list[Any] = []
+        payload = encode_request(request, models, trusted=self.trusted,
+                                 model=None if request.method == "session" else model)  # fmt: skip
+        self.last_request_bytes = len(payload)
+        servers = [self._server_copy(m) for m in models]
+        result = serve(payload, lambda i: servers[i], self.limits, self.trusted)
+        saved, _ = decode_result(result)
+        return saved
+
+    def _server_copy(self, model: Any) -> Any:
+        server = self._servers.get(model)
+        if server is None:
+            edits = model.__dict__.get("_edits", [])
+            model.__dict__["_edits"] = []  # edits travel with each request, not with the copy
+            try:
+                server = copy.deepcopy(model)
+            finally:
+                model.__dict__["_edits"] = edits
+            self._servers[model] = server
+        return server
+
+
+_DEFAULT: Optional[WireBackend] = None
+
+
+def default_wire_backend() -> WireBackend:
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = WireBackend()
+    return _DEFAULT
+
+
+__all__ = ["WireBackend", "WireError", "serve", "default_wire_backend"]
