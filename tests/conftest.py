@@ -396,3 +396,9 @@ def run_with_call_hook(root: nn.Module, module: nn.Module, fn: Callable[[int, An
         return root(*args)
     finally:
         handle.remove()
+
+
+# -- the backends integration tests run on (see tests/integration/conftest.py) ---------------------------------
+def pytest_addoption(parser: Any) -> None:
+    parser.addoption("--backend", default="both", choices=("both", "local", "wire"),
+                     help="integration tests run on the local backend and through the wire format (remote='local')")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator, Optional, Protocol
 
 from raysight.graph.graph import Graph
 
@@ -36,3 +38,22 @@ class Backend(Protocol):
     def __call__(self, model: Any, request: Request) -> dict[int, Any]:
         """Run ``request`` against ``model``; return the saved values by node index."""
         ...
+
+
+_DEFAULT: ContextVar[Optional[Backend]] = ContextVar("raysight_default_backend", default=None)
+
+
+def current_default() -> Optional[Backend]:
+    """The backend traces use when given none (set by :func:`using`; None means the local backend)."""
+    return _DEFAULT.get()
+
+
+@contextmanager
+def using(backend: Backend) -> Iterator[Backend]:
+    """``with raysight.backends.using(WireBackend()):`` — traces and sessions in this block that name no backend
+    run on ``backend`` (scoped to the block and the current context, not a process-wide setting)."""
+    token = _DEFAULT.set(backend)
+    try:
+        yield backend
+    finally:
+        _DEFAULT.reset(token)

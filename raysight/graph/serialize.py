@@ -407,6 +407,7 @@ class _Decoder:
         self.nodes = graph.nodes
         count = len(wire.nodes)
         placed = [False] * count
+        traces = []
         for index, wn in enumerate(wire.nodes):
             self.limit = index
             self.where = f" in {what}, node %{index}"
@@ -414,6 +415,11 @@ class _Decoder:
                 op = Op(wn.op)
             except ValueError:
                 raise self.fail(f"unknown op {wn.op!r}") from None
+            if op is Op.TRACE:  # its inputs may be computed after it is recorded (hoisted in front of it)
+                traces.append((index, wn))
+                node = Node(index, op, None, (), {}, None, None)
+                graph.nodes.append(node)
+                continue
             target = self.value(wn.target)
             args = self.value(wn.args) if wn.args is not None else ()
             kwargs = self.value(wn.kwargs) if wn.kwargs is not None else {}
@@ -425,6 +431,17 @@ class _Decoder:
             node = Node(index, op, target, args, kwargs, None, source)
             node.saved = wn.saved
             graph.nodes.append(node)
+        self.limit = count
+        for index, wn in traces:
+            self.where = f" in {what}, node %{index}"
+            node = graph.nodes[index]
+            node.target = self.value(wn.target)
+            if type(node.target).__name__ != "TraceSpec":
+                raise self.fail("a trace node needs a trace target")
+            node.kwargs = {}
+            node.set_args(self.value(wn.args) if wn.args is not None else ())
+            node.saved = wn.saved
+            node.source = SourceLine(wn.source.file, wn.source.line, wn.source.function) if wn.source else None
         for index, wn in enumerate(wire.nodes):
             if wn.body is not None:
                 graph.nodes[index].body = self._body(wn.body, count, placed, index)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from raysight.backends.base import Request
+from raysight.backends.base import Request, current_default
 from raysight.errors import TraceError
 from raysight.graph.graph import Graph
 from raysight.graph.node import Node, Op, user_source
@@ -94,7 +94,7 @@ class Session:
         _CURRENT.reset(self._token)
         if exc_type is not None:
             return False
-        backend = self._backend
+        backend = self._backend or current_default()
         if backend is None:
             from raysight.tracing.tracer import _local_backend
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
-from raysight.backends.base import InvokeInputs, Request
+from raysight.backends.base import InvokeInputs, Request, current_default
 from raysight.errors import TraceError
 from raysight.graph.graph import Graph
 from raysight.graph.node import Calls, Node, Op, user_source
@@ -297,7 +297,7 @@ class Tracer:
         return Request(self.graph, self.invokes, self._forward_kwargs, self._method)
 
     def _run(self) -> None:
-        backend = self._backend or _local_backend()
+        backend = self._backend or current_default() or _local_backend()
         results = backend(self.model, self.request())
         for proxy in self._saved:
             index = proxy.node.index

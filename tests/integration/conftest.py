@@ -27,9 +27,29 @@ _root = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = _root
 _spec.loader.exec_module(_root)
 for _name, _value in vars(_root).items():
-    if _name.startswith("__") or hasattr(_value, "_fixture_function_marker") or _name in globals():
+    if _name.startswith(("__", "pytest_")) or hasattr(_value, "_fixture_function_marker") or _name in globals():
         continue
     globals()[_name] = _value
+
+# -- every integration test runs twice: locally, and through the wire format ----------------------------------
+@pytest.fixture(autouse=True, params=["local", "wire"])
+def backend(request: Any) -> Any:
+    """``wire``: every trace and session that names no backend is serialized, decoded against a server-side copy
+    of the model, run there, and its saved values serialized back (SPEC §5: every feature round-trips)."""
+    chosen = request.config.getoption("--backend")
+    if chosen != "both" and request.param != chosen:
+        pytest.skip(f"--backend={chosen}")
+    if request.param == "local":
+        yield "local"
+        return
+    if "local_only" in request.keywords:
+        pytest.skip("checks the client's own module or objects, which a remote run never touches")
+    from raysight.backends import using
+    from raysight.backends.wire import WireBackend
+
+    with using(WireBackend()):
+        yield "wire"
+
 
 # -- the tiny language models ---------------------------------------------------------------------------------
 ARCHS = ("gpt2", "llama", "neox")

@@ -371,6 +371,7 @@ def test_edit_under_all_applies_to_every_call_of_a_reused_module(loop_model, loo
         assert _close(out.value, want)
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_gradient_edit_applies_to_a_backward_in_a_later_trace(model, mlp, x):
     """An edit that blocks the gradient at layer1's output; the backward() is recorded in the later trace."""
 

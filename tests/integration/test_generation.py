@@ -162,6 +162,7 @@ def test_streamer_hook_point_sees_each_steps_tokens(llama, llama_ref, lm_tokeniz
         assert torch.equal(got.cpu(), want), f"put {k}"
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_a_users_streamer_still_receives_every_put(llama, llama_ref, lm_tokenizer):
     mine = _Recorder()
     with llama.generate(TEXT, max_new_tokens=N, min_new_tokens=N, streamer=mine):

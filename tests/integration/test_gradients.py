@@ -79,6 +79,7 @@ def test_saved_grad_equals_the_gradient_a_tensor_hook_sees(model, mlp, x):
     assert torch.allclose(g.value, oracle["grad"], atol=1e-6)
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_backward_in_a_trace_fills_parameter_grads_like_plain_backward(model, mlp, x):
     oracle = hand_grad_run(mlp, mlp.layer1, x)
     with model.trace(x):
@@ -99,6 +100,7 @@ def test_grad_of_a_computed_value_that_replaces_an_output_equals_autograd_grad(m
 
 
 # -- editing -----------------------------------------------------------------------------------------------------
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_zeroing_grad_in_place_zeroes_upstream_parameter_grads(model, mlp, x):
     oracle = hand_grad_run(mlp, mlp.layer1, x, edit=lambda g: torch.zeros_like(g))
     assert oracle["params"]["layer1.weight"].abs().sum() == 0  # the oracle really blocks layer1's gradient
@@ -109,6 +111,7 @@ def test_zeroing_grad_in_place_zeroes_upstream_parameter_grads(model, mlp, x):
     assert_same_grads(param_grads(mlp), oracle["params"])
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_zeroing_grad_in_place_leaves_downstream_parameter_grads(model, mlp, x):
     plain = hand_grad_run(mlp, mlp.layer1, x)
     with model.trace(x):
@@ -120,6 +123,7 @@ def test_zeroing_grad_in_place_leaves_downstream_parameter_grads(model, mlp, x):
     assert torch.allclose(got["layer2.bias"], plain["params"]["layer2.bias"], atol=1e-6)
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_replacing_grad_with_its_double_doubles_upstream_parameter_grads(model, mlp, x):
     oracle = hand_grad_run(mlp, mlp.layer1, x, edit=lambda g: g * 2)
     plain = hand_grad_run(mlp, mlp.layer1, x)
@@ -161,6 +165,7 @@ def test_retain_graph_two_backward_passes_each_see_their_own_grad(model, mlp, x)
     assert torch.allclose(g2.value, want2, atol=1e-6)
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_retain_graph_two_backward_passes_accumulate_parameter_grads(model, mlp, x):
     first = hand_grad_run(mlp, mlp.layer1, x, loss_fn=lambda o: o.sum())
     second = hand_grad_run(mlp, mlp.layer1, x, loss_fn=lambda o: (o**2).sum())
@@ -270,6 +275,7 @@ def test_no_hooks_remain_after_a_successful_gradient_trace(model, mlp, x):
     assert_no_hooks(mlp)
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_a_trace_after_a_gradient_error_runs_like_plain_torch(model, mlp, x):
     with pytest.raises(RuntimeError):
         with model.trace(x):

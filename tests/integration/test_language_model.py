@@ -56,6 +56,7 @@ def test_printing_works_without_weights(gpt2_path, gpt2_ref):
     assert model.dispatched is False
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_first_local_trace_loads_the_weights(gpt2_path, gpt2_ref, lm_tokenizer):
     model = raysight.LanguageModel(str(gpt2_path))
     with model.trace(TEXT):

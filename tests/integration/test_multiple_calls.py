@@ -183,6 +183,7 @@ def test_nodes_unrelated_to_the_module_inside_all_run_once(loop_model, loop, x4)
     assert once.value == [1]
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_applied_function_unrelated_to_the_module_runs_once_inside_and_after_all(loop_model, loop, x4):
     calls: list = []
 
@@ -198,6 +199,7 @@ def test_applied_function_unrelated_to_the_module_runs_once_inside_and_after_all
     assert sorted(calls) == ["after", "inside"]
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_applied_function_on_a_single_call_module_after_all_runs_once(loop_model, loop, x4):
     calls: list = []
 
@@ -213,6 +215,7 @@ def test_applied_function_on_a_single_call_module_after_all_runs_once(loop_model
     assert _close(calls[0], loop(x4))
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_applied_function_on_the_module_inside_all_runs_once_per_call(loop_model, loop, x4):
     calls: list = []
 

@@ -168,6 +168,7 @@ def test_einops_reduce_on_a_proxy(model, mlp, x):
     assert torch.allclose(got.value, expected)
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_apply_adds_a_function_as_one_node(model, mlp, x):
     calls = []
 

@@ -86,6 +86,7 @@ def test_plain_torch_forward_does_change_batchnorm_stats(bn_net, x):
     assert bn_net.bn.num_batches_tracked.item() == 1
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_trace_after_scan_matches_plain_torch_including_batchnorm_stats(bn_model, bn_net, x):
     reference = type(bn_net)()
     reference.load_state_dict(bn_net.state_dict())

@@ -525,6 +525,7 @@ def test_long_loop_frees_each_iterations_temporary_tensor(model):
     assert alive[0] == 0
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_outer_value_used_only_in_loop_body_is_freed_after_the_loop(model):
     """SPEC §4: values are freed after their last use. A tensor made before a loop and used only inside its body
     is no longer needed once the loop is over (as it is freed after its last use without a loop)."""

@@ -40,6 +40,7 @@ def _next_token_loss(logits, batch):
     return torch.nn.functional.cross_entropy(flat[mask], ids[:, 1:].reshape(-1)[mask])
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_lora_trained_in_a_session_matches_peft_with_a_plain_loop(llama_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -300,6 +300,7 @@ def test_parameter_read_in_loop_body_sees_each_steps_value(wrapped, net, data, b
     assert norms.value == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_training_continues_in_a_second_session(wrapped, net, data, b0):
     """The parameter and optimizer made in one session are saved values; a second session keeps training them."""
     x, y = data
@@ -323,6 +324,7 @@ def test_training_continues_in_a_second_session(wrapped, net, data, b0):
     assert torch.allclose(_val(b).detach(), oracle.detach(), atol=1e-6)
 
 
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_grad_of_parameter_from_earlier_session_read_in_later_session(wrapped, net, data, b0):
     """A saved parameter of an earlier session behaves as its value: ``.grad`` read after a later backward is the
     gradient that backward left on it."""
