@@ -14,6 +14,7 @@ __all__ = [
     "StructureError",
     "MissedProviderError",
     "TimeLimitError",
+    "RemoteExecutionError",
 ]
 
 
@@ -43,3 +44,23 @@ class MissedProviderError(RaysightError):
 
 class TimeLimitError(RaysightError):
     """A run went past the time limit of the server that ran it."""
+
+
+class RemoteExecutionError(RaysightError):
+    """An intervention failed where the graph ran (another process, an actor). ``wrap`` keeps the original type
+    too, so ``except IndexError`` works as it would locally."""
+
+    @classmethod
+    def wrap(cls, exc: BaseException) -> "RemoteExecutionError":
+        message = f"{type(exc).__name__}: {exc}"
+        wrapped: RemoteExecutionError
+        try:
+            both = type(f"Remote{type(exc).__name__}", (cls, type(exc)), {"__init__": Exception.__init__,
+                                                                        "__str__": Exception.__str__})
+            wrapped = both(message)
+        except TypeError:  # a type that cannot be subclassed or built from a message
+            wrapped = cls(message)
+        for note in getattr(exc, "__notes__", []):  # the user's line that created the failing node
+            if hasattr(wrapped, "add_note"):
+                wrapped.add_note(note)
+        return wrapped

@@ -14,6 +14,7 @@ import weakref
 from typing import Any, Callable, Optional
 
 from raysight.backends.base import Request
+from raysight.errors import RaysightError, RemoteExecutionError
 from raysight.graph.serialize import Limits, WireError, decode_request, decode_result, encode_request, encode_result
 from raysight.runtime.execute import run_session, run_trace
 
@@ -25,13 +26,18 @@ def serve(payload: bytes, resolve_model: Callable[[int], Any], limits: Limits, t
     for i, model in models.items():
         model.__dict__["_edits"] = decoded.edits.get(i, [])  # the client's persistent edits, for this request
     deadline = time.monotonic() + limits.max_seconds if limits.max_seconds else None
-    if decoded.method == "session":
-        saved = run_session(decoded.graph, deadline=deadline)
-    else:
-        model = models[decoded.model]
-        graph = decoded.graph
-        saved = run_trace(model, graph.body, graph.nodes, decoded.invokes, decoded.forward_kwargs, decoded.method,
-                          locations=graph.locations(), deadline=deadline).results()  # fmt: skip
+    try:
+        if decoded.method == "session":
+            saved = run_session(decoded.graph, deadline=deadline)
+        else:
+            model = models[decoded.model]
+            graph = decoded.graph
+            saved = run_trace(model, graph.body, graph.nodes, decoded.invokes, decoded.forward_kwargs,
+                              decoded.method, locations=graph.locations(), deadline=deadline).results()  # fmt: skip
+    except (RaysightError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # an intervention failed: report it as the server's error, keeping its type
+        raise RemoteExecutionError.wrap(exc) from exc
     return encode_result(saved, limits)
 
 
