@@ -112,8 +112,42 @@ _ALLOWED_BUILTINS = {"list", "dict", "tuple", "set", "int", "float", "str", "boo
 _RESTRICTED_ATTRS = ("_", "__")  # attribute and method names starting with these are refused in restricted mode
 
 
+_KNOWN: dict[int, tuple[str, str]] = {}
+
+
+def _known_callables() -> dict[int, tuple[str, str]]:
+    """id -> (module, name) for the public callables of torch and friends, whose own ``__module__``/``__qualname__``
+    often do not import back (``torch.softmax`` is ``_VariableFunctionsClass.softmax``)."""
+    if not _KNOWN:
+        import math
+
+        import torch.nn.functional as functional
+
+        spaces = [("torch", torch), ("torch.nn.functional", functional), ("torch.linalg", torch.linalg),
+                  ("torch.special", torch.special), ("torch.fft", torch.fft), ("operator", operator),
+                  ("math", math), ("builtins", builtins)]  # fmt: skip
+        try:
+            import einops
+
+            spaces.append(("einops", einops))
+        except ImportError:
+            pass
+        for module, namespace in spaces:
+            for name, value in vars(namespace).items():
+                if callable(value) and not name.startswith("__"):
+                    _KNOWN.setdefault(id(value), (module, name))
+        for name in dir(torch.Tensor):
+            value = getattr(torch.Tensor, name, None)
+            if callable(value):
+                _KNOWN.setdefault(id(value), ("torch", f"Tensor.{name}"))
+    return _KNOWN
+
+
 def callable_name(fn: Any) -> Optional[tuple[str, str]]:
     """(module, qualified name) that import back to ``fn`` itself, or None."""
+    known = _known_callables().get(id(fn))
+    if known is not None and _resolve(*known) is fn:
+        return known
     module = getattr(fn, "__module__", None)
     qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
     if module is None and isinstance(fn, type(torch.Tensor.add)):  # method descriptors of torch._C.TensorBase
@@ -560,5 +594,3 @@ def decode_result(payload: bytes) -> tuple[dict[int, Any], list[str]]:
     dec = _Decoder(trusted=True, resolve_model=None)
     return {int(i): dec.value(v) for i, v in result.saved.items()}, list(result.logs)
 
-
-del builtins, operator
