@@ -180,10 +180,11 @@ def is_allowed(module: str, qualname: str) -> bool:
 
 # -- encoding -----------------------------------------------------------------------------------------------
 class _Encoder:
-    def __init__(self, trusted: bool, models: list[Any]) -> None:
+    def __init__(self, trusted: bool, models: list[Any], frames: Optional[list] = None) -> None:
         self.trusted = trusted
         self.models = models  # model objects, in the order of WireRequest.models
         self.node: Optional[Node] = None
+        self.frames = frames  # when set, tensor bytes go out of band (see encode_result)
 
     def model_ref(self, model: Any) -> int:
         for i, known in enumerate(self.models):
@@ -199,7 +200,7 @@ class _Encoder:
         if t is Node:
             return {"$": "node", "i": v.index}
         if isinstance(v, torch.Tensor):
-            return _encode_tensor(v)
+            return _encode_tensor(v, self.frames)
         if t is tuple:
             return {"$": "tuple", "items": [self.value(x) for x in v]}
         if t is list:
@@ -272,16 +273,20 @@ def _where(node: Optional[Node]) -> str:
     return f" (created at {node.source})"
 
 
-def _encode_tensor(t: torch.Tensor) -> dict:
+def _encode_tensor(t: torch.Tensor, frames: Optional[list] = None) -> dict:
     cpu = t.detach().to("cpu").contiguous()
     dtype = str(cpu.dtype).removeprefix("torch.")
     if cpu.dtype in (torch.bfloat16, torch.float16):
-        data = cpu.view(torch.int16).numpy().tobytes()
+        cpu = cpu.view(torch.int16)
     elif cpu.dtype == torch.bool:
-        data = cpu.view(torch.uint8).numpy().tobytes()
+        cpu = cpu.view(torch.uint8)
+    data = memoryview(cpu.numpy()).cast("B")  # copied once: into the payload
+    out = {"$": "tensor", "dtype": dtype, "shape": list(t.shape)}
+    if frames is None:
+        out["data"] = data
     else:
-        data = cpu.numpy().tobytes()
-    out = {"$": "tensor", "dtype": dtype, "shape": list(cpu.shape), "data": data}
+        out["frame"] = len(frames)
+        frames.append(data)
     if t.requires_grad and t.is_leaf:
         out["grad"] = True
     if isinstance(t, torch.nn.Parameter):
@@ -304,15 +309,21 @@ def encode_request(request: Any, models: list[Any], trusted: bool = True, model:
     return msgpack.packb(wire.model_dump(), use_bin_type=True)
 
 
-def encode_result(saved: dict[int, Any], limits: Limits, logs: Optional[list[str]] = None) -> bytes:
-    enc = _Encoder(trusted=True, models=[])
+def encode_result(saved: dict[int, Any], limits: Limits, logs: Optional[list[str]] = None) -> bytearray:
+    """The reply: ``[8-byte header length][msgpack header][tensor bytes, back to back]``. Tensors in the header
+    name their frame; the whole reply is built with one copy of the tensor data, and decodes without another."""
+    frames: list = []
+    enc = _Encoder(trusted=True, models=[], frames=frames)
     values = {i: enc.value(v) for i, v in saved.items()}
-    payload = msgpack.packb(WireResult(version=SCHEMA_VERSION, saved=values, logs=logs or []).model_dump(),
-                            use_bin_type=True)  # fmt: skip
-    if len(payload) > limits.max_saved_bytes:
-        raise WireError(f"the saved values take {len(payload)} bytes, over the limit of {limits.max_saved_bytes}; "
+    lengths = [len(f) for f in frames]
+    # built by us, so no validation on the way out (it would walk every value); decode_result validates
+    header = msgpack.packb({"version": SCHEMA_VERSION, "saved": values, "logs": logs or [], "frames": lengths},
+                           use_bin_type=True)  # fmt: skip
+    size = 8 + len(header) + sum(lengths)
+    if size > limits.max_saved_bytes:
+        raise WireError(f"the saved values take {size} bytes, over the limit of {limits.max_saved_bytes}; "
                         "save less (e.g. slices or reductions) or raise Limits.max_saved_bytes")  # fmt: skip
-    return payload
+    return bytearray().join([len(header).to_bytes(8, "little"), header, *frames])
 
 
 # -- decoding -----------------------------------------------------------------------------------------------
@@ -336,6 +347,7 @@ class _Decoder:
         self.nodes: list[Node] = []
         self.limit = 0  # nodes a value may reference: those recorded before the current one
         self.where = ""
+        self.frames: Optional[list] = None  # a reply's out-of-band tensor bytes
 
     def fail(self, problem: str) -> WireError:
         return WireError(f"malformed request{self.where}: {problem}")
@@ -514,10 +526,15 @@ _DTYPES = {"float32", "float64", "float16", "bfloat16", "int8", "int16", "int32"
 
 
 def _decode_tensor(v: dict, dec: _Decoder) -> torch.Tensor:
-    dtype_name, shape, data = v["dtype"], v["shape"], v["data"]
+    dtype_name, shape = v["dtype"], v["shape"]
+    if "frame" in v and dec.frames is not None:
+        data = dec.frames[v["frame"]]  # a writable view of the reply: no copy
+    else:
+        data = v["data"]
     if dtype_name not in _DTYPES:
         raise dec.fail(f"unsupported tensor dtype {dtype_name!r}")
-    if type(shape) is not list or not all(type(s) is int and s >= 0 for s in shape) or type(data) is not bytes:
+    if type(shape) is not list or not all(type(s) is int and s >= 0 for s in shape) or \
+            type(data) not in (bytes, memoryview):  # fmt: skip
         raise dec.fail("a tensor needs an integer shape list and bytes")
     dtype = getattr(torch, dtype_name)
     raw = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.bool: torch.uint8}.get(dtype, dtype)
@@ -530,8 +547,9 @@ def _decode_tensor(v: dict, dec: _Decoder) -> torch.Tensor:
     if numel == 0:
         t = torch.empty(shape, dtype=raw)
     else:
-        # one copy into memory the tensor owns: a tensor over the payload's immutable bytes could be edited in place
-        t = torch.frombuffer(bytearray(data), dtype=raw).reshape(shape)
+        # bytes are immutable: copy them into memory the tensor owns (it may be edited in place); a reply's
+        # frames are already writable views of memory this side owns
+        t = torch.frombuffer(data if type(data) is memoryview else bytearray(data), dtype=raw).reshape(shape)
     if raw is not dtype:
         t = t.view(dtype)
     if v.get("param"):
@@ -588,9 +606,21 @@ def _check_model(i: int, wire: WireRequest, resolve_model: Any) -> Any:
     return resolve_model(i)
 
 
-def decode_result(payload: bytes) -> tuple[dict[int, Any], list[str]]:
-    raw = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    result = WireResult.model_validate(raw)
+def decode_result(payload: Any) -> tuple[dict[int, Any], list[str]]:
+    """Decode a reply; tensors are views of ``payload`` (a bytearray stays writable; bytes are copied once)."""
+    buffer = memoryview(payload if isinstance(payload, bytearray) else bytearray(payload))
+    try:
+        length = int.from_bytes(buffer[:8], "little")
+        raw = msgpack.unpackb(buffer[8 : 8 + length], raw=False, strict_map_key=False)
+        frames_lengths = raw.pop("frames")
+        result = WireResult.model_validate(raw)
+    except Exception as exc:
+        raise WireError(f"malformed reply ({type(exc).__name__}: {exc})") from None
+    frames, offset = [], 8 + length
+    for n in frames_lengths:
+        frames.append(buffer[offset : offset + n])
+        offset += n
     dec = _Decoder(trusted=True, resolve_model=None)
+    dec.frames = frames
     return {int(i): dec.value(v) for i, v in result.saved.items()}, list(result.logs)
 
