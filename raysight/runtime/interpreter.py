@@ -68,7 +68,7 @@ class Stream:
     """One invoke's body (or the code outside invokes), run as a generator."""
 
     __slots__ = ("label", "rows", "gen", "waiting", "wait_key", "last_read", "pending", "done", "open_ended", "body",
-                 "wants", "missed", "moved")  # fmt: skip
+                 "wants", "missed", "moved", "last_event")  # fmt: skip
 
     def __init__(self, label: str, rows: Optional[Rows], open_ended: bool = False) -> None:
         self.label = label
@@ -84,6 +84,7 @@ class Stream:
         self.wants: Optional[dict] = None  # see last_access (built only when a stream waits through an event)
         self.missed: Optional[dict] = None  # events it wanted that fired while it waited on something else
         self.moved: set[int] = set()  # nodes of its body handed to a gradient or multi-call stream
+        self.last_event: Optional[Event] = None  # the last event a read or write of this stream used
 
     def last_access(self) -> dict:
         """(event key, call) -> the index of the last single-call read or write of it in this stream's body."""
@@ -160,7 +161,9 @@ class Interleaver:
             self._advance()
             for stream in self.streams:  # kept in case what a stream waits on never comes (see finish)
                 waiting = stream.waiting
-                if waiting is not None and stream.last_access().get((key, call), -1) > waiting.index:
+                if waiting is None or stream.last_event is event:
+                    continue  # not waiting, or it used this event itself
+                if stream.last_access().get((key, call), -1) > waiting.index:
                     if stream.missed is None:
                         stream.missed = {}
                     stream.missed[(key, call)] = event
@@ -249,6 +252,7 @@ class Interleaver:
                 if event is None:
                     self._unreached(node, stream, call)
                     continue
+                stream.last_event = event
                 if op is Op.READ:
                     stream.last_read = node.target
             elif op is Op.COND:
