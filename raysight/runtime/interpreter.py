@@ -152,6 +152,19 @@ class Interleaver:
         self.counts[key] = call + 1
         event = Event(key, call, value)
         outer, self.event = self.event, event
+        streams = self.streams
+        if len(streams) == 1 and outer is None:  # the common case: one stream, no reentrant call in flight
+            stream = streams[0]
+            if not stream.done and stream.wait_key == key:
+                try:
+                    next(stream.gen)
+                except StopIteration:
+                    stream.done = True
+                finally:
+                    self.event = None
+                if len(streams) == 1 and (stream.done or stream.wait_key is not None):
+                    return event  # nothing else can have become runnable
+                self.event = event
         try:
             for stream in self.streams:
                 if not stream.done and stream.gen.gi_running:  # reentrant: an ad-hoc module call with hook=True
