@@ -231,8 +231,9 @@ class LanguageModel(NNsight):
             batch[key] = torch.cat(pieces, dim=0)
         return (), batch
 
-    def _execute(self, method: str, args: tuple, kwargs: dict) -> Any:
-        self._ensure_dispatched()
+    def _execute(self, method: str, args: tuple, kwargs: dict, dispatch: bool = True) -> Any:
+        if dispatch:  # a scan runs on fake weights and must not load the real ones
+            self._ensure_dispatched()
         module = self._module
         device = _first_device(module)
         kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}

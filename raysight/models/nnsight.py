@@ -116,7 +116,7 @@ class NNsight(Envoy):
     def _ensure_dispatched(self) -> None:
         """Load real weights before a local run (a wrapped module already has them)."""
 
-    def _execute(self, method: str, args: tuple, kwargs: dict) -> Any:
+    def _execute(self, method: str, args: tuple, kwargs: dict, dispatch: bool = True) -> Any:
         return self._module(*args, **kwargs)
 
     def _module_at(self, path: str) -> torch.nn.Module:

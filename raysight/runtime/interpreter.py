@@ -485,7 +485,7 @@ class Interleaver:
 
     def set_grad(self, node: Node, stream: Stream, event: Any) -> None:
         tensor, grad = self._load(node.args)
-        key = _grad_key(node.args[0])
+        key = _grad_key(tensor)
         if key in self.grad_overrides:  # inside that tensor's gradient hook: replaces the flowing gradient
             self.grad_overrides[key] = grad
         else:
@@ -625,7 +625,7 @@ class Interleaver:
         grad_stream = Stream(f"{stream.label} (gradient of {source.name})", None)
         armed = (node, grad_stream)
         self.armed.append(armed)
-        key = _grad_key(node.args[0])
+        key = _grad_key(tensor)
 
         def on_grad(grad: torch.Tensor) -> torch.Tensor:
             handle.remove()
@@ -682,8 +682,12 @@ class _Constant:
         self.source = "an earlier trace"
 
 
-def _grad_key(arg: Any) -> Any:
-    return arg.index if isinstance(arg, Node) else ("value", id(arg))
+def _grad_key(tensor: Any) -> Any:
+    """Which tensor a gradient belongs to: several reads of one module give the same tensor (or, in an invoke,
+    views of the same rows), so the key is its memory, not the node that produced it."""
+    if isinstance(tensor, torch.Tensor):
+        return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+    return ("value", id(tensor))
 
 
 def _walk(body: list[Node]) -> Iterator[Node]:

@@ -88,7 +88,8 @@ class Tracer:
     def scan_inputs(self, args: tuple, kwargs: dict) -> "scan_mod.Scan":
         model = self.model
         modules = {path: envoy._module for path, envoy in model._by_path.items()}
-        run = lambda a, k: model._execute("forward", a, {**k, **self._forward_kwargs})  # noqa: E731
+        extra = self._forward_kwargs if self._method == "forward" else {}  # a generate scan sees the first step
+        run = lambda a, k: model._execute("forward", a, {**k, **extra}, dispatch=False)  # noqa: E731
         return scan_mod.Scan(self.fake_mode(), model._module, modules, run, args, kwargs)
 
     def _record_meta(self, node: Node) -> None:

@@ -367,3 +367,25 @@ def test_grad_under_all_gives_each_calls_gradient(loop_model, loop, x4):
     assert all(g is not None for g in acc.value)
     # each append runs when its call's gradient arrives, and backward reaches the last call first
     assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(acc.value, reversed(want)))
+
+
+def test_grad_set_from_one_read_is_seen_by_a_later_read_of_the_same_output(model, mlp, x):
+    """nnsight 0.4's own pattern: each `.output` is a new read, but they are one tensor and share one gradient."""
+    captured = {}
+
+    def hook(module: Any, args: Any, out: torch.Tensor) -> None:
+        out.register_hook(lambda g: captured.setdefault("g", g.clone()))
+
+    handle = mlp.layer1.register_forward_hook(hook)
+    try:
+        mlp(x).sum().backward()
+    finally:
+        handle.remove()
+    mlp.zero_grad(set_to_none=True)
+    with model.trace(x):
+        l1_grad = model.layer1.output.grad.clone().save()
+        model.layer1.output.grad = model.layer1.output.grad.clone() * 2
+        l1_grad_double = model.layer1.output.grad.save()
+        model.output.sum().backward()
+    assert torch.allclose(l1_grad.value, captured["g"])
+    assert torch.equal(l1_grad.value * 2, l1_grad_double.value)

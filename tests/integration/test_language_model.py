@@ -382,3 +382,31 @@ def test_three_dimensional_token_ids_raise_typeerror(gpt2):
         with gpt2.trace(torch.zeros(1, 2, 3, dtype=torch.long)):
             gpt2.output.save()
     assert_no_hooks(hf_module(gpt2))
+
+
+def test_scanning_a_model_on_the_meta_device_loads_no_weights(gpt2_path, gpt2_ref, lm_tokenizer):
+    model = raysight.LanguageModel(str(gpt2_path))
+    n = lm_tokenizer("hello world", return_tensors="pt")["input_ids"].shape[1]
+    with model.scan("hello world"):
+        shape = model.transformer.h[0].output.shape
+    assert shape == (1, n, gpt2_ref.config.n_embd)
+    assert not model.dispatched
+    assert all(p.device.type == "meta" for p in model._module.parameters())
+
+
+def test_generate_with_scan_and_validate_gives_shapes_while_tracing(gpt2_path, gpt2_ref, lm_tokenizer):
+    model = raysight.LanguageModel(str(gpt2_path))
+    n = lm_tokenizer("hello", return_tensors="pt")["input_ids"].shape[1]
+    with model.generate("hello", max_new_tokens=2, scan=True, validate=True):
+        seen = model.transformer.h[-1].output.shape
+        last = model.transformer.h[-1].output[0].save()
+    assert seen == (1, n, gpt2_ref.config.n_embd)
+    inputs = {k: v for k, v in lm_tokenizer("hello", return_tensors="pt").items()}
+    captured = {}
+    handle = gpt2_ref.transformer.h[-1].register_forward_hook(lambda m, a, o: captured.setdefault("h", o))
+    try:
+        with torch.no_grad():
+            gpt2_ref(**inputs)
+    finally:
+        handle.remove()
+    assert torch.allclose(last.value, captured["h"][0], atol=1e-5)
