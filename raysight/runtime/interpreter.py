@@ -614,23 +614,20 @@ class Interleaver:
                 ),
                 node,
             )
-        # An invoke's rows are a view of the batch; the loss depends on the batch, so watch the batch tensor and
-        # hand the invoke its rows of the gradient (in-place edits of them edit the batch gradient).
-        rows = stream.rows
-        watched = tensor
-        if rows is not None and tensor._base is not None and tensor._base.shape[0] == rows.total:
-            watched = tensor._base
-        else:
-            rows = None
+        # A view (an invoke's rows, `output[0]`) is often not itself on the loss's path: its base is. So watch the
+        # view and its base; whichever the backward pass reaches first gives the gradient (from the base: the view's
+        # elements of it, as a view, so in-place edits edit the base's gradient).
+        base = tensor._base if tensor._base is not None and tensor._base.requires_grad else None
         grad_stream = Stream(f"{stream.label} (gradient of {source.name})", None)
         armed = (node, grad_stream)
         self.armed.append(armed)
         key = _grad_key(tensor)
+        handles: list = []
 
-        def on_grad(grad: torch.Tensor) -> torch.Tensor:
-            handle.remove()
+        def run(mine: torch.Tensor) -> torch.Tensor:
+            for handle in handles:
+                handle.remove()
             self.armed.remove(armed)
-            mine = grad.narrow(0, rows.start, rows.size) if rows is not None else grad
             self._set(node, mine)
             self.grad_overrides[key] = mine
             grad_stream.gen = self._run_body(closure[1:], grad_stream)
@@ -639,12 +636,28 @@ class Interleaver:
                 next(grad_stream.gen)
             except StopIteration:
                 grad_stream.done = True
-            new = self.grad_overrides.pop(key)
-            if rows is None or _same_view(new, mine):
-                return new if rows is None else grad
-            return replace_rows(grad, rows, new, f"the gradient of {source.name}")
+            return self.grad_overrides.pop(key)
 
-        handle = watched.register_hook(on_grad)
+        def on_view_grad(grad: torch.Tensor) -> torch.Tensor:
+            return run(grad)
+
+        def on_base_grad(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad if grad.stride() == base.stride() else grad.contiguous()
+            if grad.stride() != base.stride():
+                raise annotate(InterventionError(f"the gradient of {source.name} cannot be taken from its base "
+                                                 "tensor's gradient (different memory layout)"), node)  # fmt: skip
+            offset = tensor.storage_offset() - base.storage_offset()
+            mine = grad.as_strided(tensor.shape, tensor.stride(), grad.storage_offset() + offset)
+            new = run(mine)
+            if _same_view(new, mine):
+                return grad
+            full = grad.clone()
+            full.as_strided(tensor.shape, tensor.stride(), full.storage_offset() + offset).copy_(new)
+            return full
+
+        handles.append(tensor.register_hook(on_view_grad))
+        if base is not None:
+            handles.append(base.register_hook(on_base_grad))
 
     def _backward_after(self, node: Node) -> bool:
         """Is a backward pass recorded after ``node`` (edits come before the trace's own nodes)?"""

@@ -389,3 +389,30 @@ def test_grad_set_from_one_read_is_seen_by_a_later_read_of_the_same_output(model
         model.output.sum().backward()
     assert torch.allclose(l1_grad.value, captured["g"])
     assert torch.equal(l1_grad.value * 2, l1_grad_double.value)
+
+
+def test_grad_of_an_indexed_view_is_that_part_of_the_outputs_gradient(model, mlp):
+    """`output[0].grad` (a view the loss does not use directly) gives row 0 of the output's gradient, and editing it
+    in place edits what flows upstream."""
+    xb = torch.randn(3, 5, generator=torch.Generator().manual_seed(7))
+    captured = {}
+
+    def hook(module: Any, args: Any, out: torch.Tensor) -> None:
+        out.register_hook(lambda g: captured.setdefault("g", g.clone()))
+
+    handle = mlp.layer1.register_forward_hook(hook)
+    try:
+        mlp(xb).sum().backward()
+    finally:
+        handle.remove()
+    mlp.zero_grad(set_to_none=True)
+    with model.trace(xb):
+        row = model.layer1.output[0].grad.clone().save()
+        model.layer1.output[1].grad[:] = 0
+        model.output.sum().backward()
+    assert torch.allclose(row.value, captured["g"][0])
+    if mlp.layer1.weight.grad is not None:  # local run: row 1's zeroed gradient reached the weights
+        g = captured["g"].clone()
+        g[1] = 0
+        assert torch.allclose(mlp.layer1.weight.grad, g.T @ xb, atol=1e-6)
+    mlp.zero_grad(set_to_none=True)
