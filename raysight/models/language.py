@@ -239,7 +239,9 @@ class LanguageModel(NNsight):
         kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         if method == "generate":
             kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-            kwargs["streamer"] = _StreamerBridge(self._generator_module.streamer, kwargs.get("streamer"))
+            streamer = self._generator_module.streamer
+            if streamer._forward_hooks or streamer._forward_pre_hooks:  # the graph reads it (beam search can't)
+                kwargs["streamer"] = _StreamerBridge(streamer, kwargs.get("streamer"))
             ids = module.generate(*args, **kwargs)
             return self._generator_module(ids)
         if _is_causal(module) and "position_ids" not in kwargs and "attention_mask" in kwargs:

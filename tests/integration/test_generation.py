@@ -206,3 +206,13 @@ def test_an_error_while_generating_leaves_no_hooks(llama):
     with llama.generate(TEXT, max_new_tokens=2, min_new_tokens=2):
         ids = llama.generator.output.save()
     assert ids.shape[1] == len(llama.tokenizer(TEXT)["input_ids"]) + 2
+
+
+def test_beam_search_generates_like_plain_hf(gpt2, gpt2_ref, lm_tokenizer):
+    inputs = {k: v for k, v in lm_tokenizer("the quick brown fox", return_tensors="pt").items()}
+    with torch.no_grad():
+        want = gpt2_ref.generate(**inputs, max_new_tokens=3, min_new_tokens=3, num_beams=2, do_sample=False,
+                                 pad_token_id=lm_tokenizer.pad_token_id)  # fmt: skip
+    with gpt2.generate("the quick brown fox", max_new_tokens=3, min_new_tokens=3, num_beams=2, do_sample=False):
+        ids = gpt2.generator.output.save()
+    assert torch.equal(ids.value, want)
