@@ -184,6 +184,10 @@ class LanguageModel(NNsight):
             encoding[key] = _as_ids(value, key)
         return (), encoding, int(encoding["input_ids"].shape[0])
 
+    def _invoker_inputs(self, args: tuple, kwargs: dict) -> tuple:
+        """``invoker.inputs[0]`` is the invoke's encoding, as in nnsight: ``invoker.inputs[0]["input_ids"]``."""
+        return (kwargs,) if kwargs else ()
+
     def _encode(self, source: Any, tokenizer_kwargs: dict) -> dict:
         tok = self.tokenizer
         if isinstance(source, str) or (

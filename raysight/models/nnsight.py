@@ -94,6 +94,10 @@ class NNsight(Envoy):
             return (), {}, 0
         return args, kwargs, batch_size_of(args, kwargs)
 
+    def _invoker_inputs(self, args: tuple, kwargs: dict) -> tuple:
+        """What ``invoker.inputs`` shows: the invoke's prepared positional inputs."""
+        return args
+
     def _batch_inputs(self, invokes: list[InvokeInputs]) -> tuple[tuple, dict]:
         prepared = [(inv.args, inv.kwargs, inv.batch_size) for inv in invokes if inv.batch_size]
         if not prepared:

@@ -180,6 +180,20 @@ class Tracer:
         return CallScope(self, paths, calls)
 
     # -- the user's API -------------------------------------------------------------------------------------
+    def all(self) -> "CallScope":
+        """``with tracer.all():`` — later accesses of every module apply to every call (as ``model.all()``)."""
+        return self.model.all()
+
+    @property
+    def iter(self) -> Any:
+        """``with tracer.iter[1:3]:`` — later accesses of every module select those calls (as ``model.iter``)."""
+        return self.model.iter
+
+    def next(self, steps: int = 1) -> "Tracer":
+        """Later accesses of every module refer to their next call (as ``model.next()``)."""
+        self.model.next(steps)
+        return self
+
     def invoke(self, *inputs: Any, **kwargs: Any) -> "Invoker":
         """Add a batch entry: ``with tracer.invoke(x):`` — accesses inside see only these rows."""
         return Invoker(self, inputs, kwargs)
@@ -395,7 +409,7 @@ class Invoker:
             if any(isinstance(a, Proxy) for a in (*inputs, *kwargs.values())):  # saved by an earlier trace
                 inputs, kwargs = value_of(inputs), value_of(kwargs)
             args, kwargs, batch_size = tracer.model._prepare_input(*inputs, **kwargs)
-        self.inputs, self.kwargs, self.batch_size = args, kwargs, batch_size
+        self.inputs, self.kwargs, self.batch_size = tracer.model._invoker_inputs(args, kwargs), kwargs, batch_size
         if scan and batch_size > 0:
             self.scan = tracer.scan_inputs(args, kwargs)
         tracer._full_scan = None

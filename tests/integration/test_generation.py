@@ -216,3 +216,53 @@ def test_beam_search_generates_like_plain_hf(gpt2, gpt2_ref, lm_tokenizer):
     with gpt2.generate("the quick brown fox", max_new_tokens=3, min_new_tokens=3, num_beams=2, do_sample=False):
         ids = gpt2.generator.output.save()
     assert torch.equal(ids.value, want)
+
+
+def _step_logits(ref, inputs, n, tok):
+    """The last-position logits of each generation step, by a hook on the oracle's lm_head."""
+    steps = []
+    handle = ref.lm_head.register_forward_hook(lambda m, a, out: steps.append(out[:, -1].detach().clone()))
+    try:
+        with torch.no_grad():
+            ids = ref.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=tok.pad_token_id)  # fmt: skip
+    finally:
+        handle.remove()
+    return steps, ids
+
+
+def test_a_python_loop_with_next_reads_every_generation_step(gpt2, gpt2_ref, lm_tokenizer):
+    inputs = {k: v for k, v in lm_tokenizer("The Eiffel Tower is in the city of", return_tensors="pt").items()}
+    want, _ = _step_logits(gpt2_ref, inputs, 3, lm_tokenizer)
+    with gpt2.generate("The Eiffel Tower is in the city of", max_new_tokens=3, min_new_tokens=3):
+        logits = raysight.list().save()
+        for _ in range(3):
+            logits.append(gpt2.lm_head.output[:, -1])
+            gpt2.lm_head.next()
+    assert len(logits.value) == 3
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(logits.value, want))
+
+
+def test_tracer_all_applies_to_every_step(gpt2, gpt2_ref, lm_tokenizer):
+    inputs = {k: v for k, v in lm_tokenizer("hello there", return_tensors="pt").items()}
+    zero = gpt2_ref.transformer.h[0].register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+    try:
+        want, want_ids = _step_logits(gpt2_ref, inputs, 3, lm_tokenizer)
+    finally:
+        zero.remove()
+    with gpt2.generate("hello there", max_new_tokens=3, min_new_tokens=3) as tracer:
+        logits = raysight.list().save()
+        with tracer.all():
+            gpt2.transformer.h[0].output[:] = 0
+            logits.append(gpt2.lm_head.output[:, -1])
+        ids = gpt2.generator.output.save()
+    assert torch.equal(ids.value, want_ids)
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(logits.value, want))
+
+
+def test_invoker_inputs_hold_the_invokes_encoding(gpt2, lm_tokenizer):
+    with gpt2.trace() as tracer:
+        with tracer.invoke("the eiffel tower") as invoker:
+            tokens = invoker.inputs[0]["input_ids"][0]
+            gpt2.output.save()
+    assert torch.equal(tokens, lm_tokenizer("the eiffel tower", return_tensors="pt")["input_ids"][0])
