@@ -27,6 +27,23 @@ class NNsight(Envoy):
         self.__dict__["_edits"] = []
         super().__init__(module, "", None)
 
+    # -- module methods that return the module return the wrapper ----------------------------------------------
+    def to(self, *args: Any, **kwargs: Any) -> "NNsight":
+        self._module.to(*args, **kwargs)
+        return self
+
+    def eval(self) -> "NNsight":
+        self._module.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "NNsight":
+        self._module.train(mode)
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> "NNsight":
+        self._module.requires_grad_(requires_grad)
+        return self
+
     # -- persistent edits -----------------------------------------------------------------------------------
     def edit(self, *inputs: Any, inplace: bool = False, validate: Optional[bool] = None, **kwargs: Any) -> "Edit":
         """``with model.edit() as edited:`` records interventions that run in every later trace of ``edited`` (a

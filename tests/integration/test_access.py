@@ -128,3 +128,12 @@ def test_tuple_output_is_returned_as_the_module_returns_it(tuple_model, tuple_ne
 def test_module_values_outside_a_trace_raise_trace_error(model):
     with pytest.raises(raysight.TraceError):
         model.layer1.output
+
+
+def test_module_methods_that_return_the_module_return_the_wrapper(model, mlp):
+    assert model.eval() is model and not mlp.training
+    assert model.train() is model and mlp.training
+    assert model.to(torch.float64) is model and mlp.layer1.weight.dtype == torch.float64
+    model.to(torch.float32)
+    assert model.requires_grad_(False) is model and not mlp.layer1.weight.requires_grad
+    model.requires_grad_(True)
