@@ -4,13 +4,14 @@
   ``__torch_function__`` for a size given as one sequence, but rejects several positional sizes when one is a
   proxy before any dispatch happens.
 * Training objects (``torch.nn.Parameter``, ``torch.nn.Linear``, ``torch.optim`` optimizers, ``DataLoader``):
-  constructed while a session records, they become nodes, so they are created (and trained) where the graph runs;
-  they are kept after the run (saved) so later traces can use them. ``Parameter`` gets a recording ``__new__``;
+  constructed while a trace or session records, they become nodes, so they are created (and trained) where the
+  graph runs; they are kept after the run (saved) so later traces can use them. ``Parameter`` gets a recording ``__new__``;
   the others are replaced in their modules by subclasses that record (``isinstance`` and subclassing keep
   working in both cases).
 
-The creation functions are swapped in while any trace or session records (one dict update); the wrappers call the
-original whenever no recorder is active in the calling context. Nothing is patched at import.
+All of it is swapped in while any trace or session records (four dict updates and one ``__new__``) and swapped
+back after; the stand-ins do the original thing whenever no recorder is active in the calling context (another
+thread, say). Nothing is patched at import.
 """
 
 from __future__ import annotations
@@ -27,9 +28,6 @@ from raysight.graph.node import Op
 from raysight.graph.proxy import Proxy, current_recorder
 
 _SIZED = ("zeros", "ones", "empty", "rand", "randn")
-_lock = threading.Lock()
-_active = 0
-_tables: list[tuple[dict, dict, dict]] = []  # (namespace, wrappers, originals)
 
 
 def _sized(original: Callable) -> Callable:
@@ -91,12 +89,16 @@ def _stand_in(original: type) -> type:
     return stand_in
 
 
-_constructor_tables: list[tuple[dict, dict, dict]] = []  # (namespace, stand-ins, originals)
 _parameter_news: list[Any] = []  # [recording __new__, original __new__]
-_constructors_active = 0
+_tables: list[tuple[dict, dict, dict]] = []  # (namespace, wrappers, originals) of the creation functions
+_lock = threading.Lock()
+_active = 0  # recorders open (traces and sessions)
 
 
-def _build_constructor_tables() -> None:
+def _build_tables() -> None:
+    namespace = torch.__dict__
+    originals = {name: namespace[name] for name in _SIZED}
+    _tables.append((namespace, {name: _sized(fn) for name, fn in originals.items()}, originals))
     optimizers = [
         name
         for name, value in vars(torch.optim).items()
@@ -104,41 +106,12 @@ def _build_constructor_tables() -> None:
     ]
     for module, names in ((torch.nn, ("Linear",)), (torch.optim, optimizers), (torch.utils.data, ("DataLoader",))):
         originals = {name: module.__dict__[name] for name in names}
-        _constructor_tables.append((module.__dict__, {n: _stand_in(c) for n, c in originals.items()}, originals))
+        _tables.append((module.__dict__, {n: _stand_in(c) for n, c in originals.items()}, originals))
     _parameter_news.extend([_parameter_new(), torch.nn.Parameter.__dict__["__new__"]])
 
 
-def enable_constructors() -> None:
-    """While a session records: constructing training objects records nodes (see the module docstring)."""
-    global _constructors_active
-    with _lock:
-        _constructors_active += 1
-        if _constructors_active == 1:
-            if not _constructor_tables:
-                _build_constructor_tables()
-            for namespace, stand_ins, _ in _constructor_tables:
-                namespace.update(stand_ins)
-            torch.nn.Parameter.__new__ = _parameter_news[0]
-
-
-def disable_constructors() -> None:
-    global _constructors_active
-    with _lock:
-        _constructors_active -= 1
-        if _constructors_active == 0:
-            for namespace, _, originals in _constructor_tables:
-                namespace.update(originals)
-            torch.nn.Parameter.__new__ = _parameter_news[1]
-
-
-def _build_tables() -> None:
-    namespace = torch.__dict__
-    originals = {name: namespace[name] for name in _SIZED}
-    _tables.append((namespace, {name: _sized(fn) for name, fn in originals.items()}, originals))
-
-
 def enable() -> None:
-    """While any trace or session records: creation functions accept several proxy sizes."""
+    """A trace or session starts recording: swap the stand-ins in (nested recorders share one swap)."""
     global _active
     with _lock:
         _active += 1
@@ -147,6 +120,7 @@ def enable() -> None:
                 _build_tables()
             for namespace, wrappers, _ in _tables:
                 namespace.update(wrappers)
+            torch.nn.Parameter.__new__ = _parameter_news[0]
 
 
 def disable() -> None:
@@ -156,3 +130,4 @@ def disable() -> None:
         if _active == 0:
             for namespace, _, originals in _tables:
                 namespace.update(originals)
+            torch.nn.Parameter.__new__ = _parameter_news[1]

@@ -84,13 +84,11 @@ class Session:
         self._token = _CURRENT.set(self)
         self.recording = True
         creation.enable()
-        creation.enable_constructors()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         self.recording = False
         creation.disable()
-        creation.disable_constructors()
         _CURRENT.reset(self._token)
         if exc_type is not None:
             return False

@@ -237,7 +237,6 @@ class Tracer:
         self._token = _CURRENT.set(self)
         self.recording = True
         creation.enable()
-        creation.enable_constructors()
         if self._inputs:
             self._implicit = Invoker(self, self._inputs, self._invoker_kwargs)
             try:
@@ -304,7 +303,6 @@ class Tracer:
         self.recording = False
         if self._token is not None:
             creation.disable()
-            creation.disable_constructors()
             _CURRENT.reset(self._token)
             self._token = None
 
