@@ -77,6 +77,8 @@ def run_session(graph: Graph, deadline: Optional[float] = None) -> dict[int, Any
 
 
 def _streams(body: list, invokes: list) -> list[tuple[list, Optional[Rows], str]]:
+    if len(body) == 1 and len(invokes) == 1 and body[0].op is Op.INVOKE:  # the common `model.trace(x)`
+        return [(body[0].body, None, "invoke 0")]
     sizes = [inv.batch_size for inv in invokes]
     total = sum(sizes)
     streams: list[tuple[list, Optional[Rows], str]] = []

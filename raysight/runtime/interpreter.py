@@ -67,24 +67,23 @@ class Event:
 class Stream:
     """One invoke's body (or the code outside invokes), run as a generator."""
 
-    __slots__ = ("label", "rows", "gen", "waiting", "wait_key", "last_read", "pending", "done", "open_ended", "body",
-                 "wants", "missed", "moved", "last_event")  # fmt: skip
+    # Defaults live on the class (a stream is made per invoke per trace: only what differs is set per instance).
+    gen: Optional[Iterator] = None
+    waiting: Optional[Node] = None
+    wait_key: Optional[tuple] = None  # the event a blocked read waits for (None: waits on a value)
+    last_read: Optional[Location] = None
+    pending: Optional[dict] = None  # events that fired while this stream was busy (ad-hoc hook=True)
+    done = False
+    wants: Optional[dict] = None  # see last_access (built only when a stream waits through an event)
+    missed: Optional[dict] = None  # events it wanted that fired while it waited on something else
+    moved: frozenset = frozenset()  # nodes of its body handed to a gradient or multi-call stream (`|=` rebinds)
+    last_event: Optional[Event] = None  # the last event a read or write of this stream used
 
-    def __init__(self, label: str, rows: Optional[Rows], open_ended: bool = False) -> None:
+    def __init__(self, label: str, rows: Optional[Rows], open_ended: bool = False, body: Optional[list] = None):
         self.label = label
-        self.open_ended = open_ended  # a region over every call: ends quietly when the module stops firing
         self.rows = rows
-        self.gen: Optional[Iterator] = None
-        self.waiting: Optional[Node] = None
-        self.wait_key: Optional[tuple] = None  # the event a blocked read waits for (None: waits on a value)
-        self.last_read: Optional[Location] = None
-        self.pending: Optional[dict] = None  # events that fired while this stream was busy (ad-hoc hook=True)
-        self.done = False
-        self.body: list = []
-        self.wants: Optional[dict] = None  # see last_access (built only when a stream waits through an event)
-        self.missed: Optional[dict] = None  # events it wanted that fired while it waited on something else
-        self.moved: set[int] = set()  # nodes of its body handed to a gradient or multi-call stream
-        self.last_event: Optional[Event] = None  # the last event a read or write of this stream used
+        self.open_ended = open_ended  # a region over every call: ends quietly when the module stops firing
+        self.body = body if body is not None else []
 
     def last_access(self) -> dict:
         """(event key, call) -> the index of the last single-call read or write of it in this stream's body."""
@@ -137,8 +136,7 @@ class Interleaver:
         self.armed: list[tuple[Node, Stream]] = []  # gradient streams waiting for their backward pass
         self.streams: list[Stream] = []
         for body, rows, label in streams:
-            stream = Stream(label, rows)
-            stream.body = body
+            stream = Stream(label, rows, body=body)
             stream.gen = self._run_body(body, stream)
             self.streams.append(stream)
 
@@ -230,9 +228,8 @@ class Interleaver:
     # -- the stream body ------------------------------------------------------------------------------------
     def _run_body(self, body: list[Node], stream: Stream, step: Optional[int] = None) -> Iterator[None]:
         """Run ``body`` in order; ``step`` is the call index of multi-call reads in a region's iteration."""
-        moved = stream.moved
         for node in body:
-            if node.index in moved:
+            if node.index in stream.moved:  # rebound (not mutated) when nodes move out: read it each time
                 continue
             op = node.op
             if op is Op.INVOKE:
@@ -576,7 +573,7 @@ class Interleaver:
     def _run_region(self, closure: list[Node], calls: Calls, stream: Stream) -> Iterator[None]:
         env = self.env
         for step in calls.indices():
-            stream.moved = set()  # gradient streams armed in the last iteration took their nodes with them
+            stream.moved = frozenset()  # gradient streams armed in the last iteration took their nodes with them
             for node in closure:  # a fresh iteration: nothing of the last one counts as done
                 env[node.index] = UNSET
             try:

@@ -350,6 +350,13 @@ def _nodes_in(value: Any) -> list[Node]:
     return []
 
 
+def _any_proxy(values: Any) -> bool:
+    for value in values:
+        if isinstance(value, Proxy):
+            return True
+    return False
+
+
 def _has_proxy(value: Any) -> bool:
     if isinstance(value, Proxy):
         return True
@@ -404,7 +411,7 @@ class Invoker:
         if tracer._session is not None and _has_proxy((inputs, kwargs)):  # a session value: prepared when it runs
             args, kwargs, batch_size = tracer._to_arg(inputs), tracer._to_arg(kwargs), -1
         else:
-            if any(isinstance(a, Proxy) for a in (*inputs, *kwargs.values())):  # saved by an earlier trace
+            if _any_proxy(inputs) or (kwargs and _any_proxy(kwargs.values())):  # saved by an earlier trace
                 inputs, kwargs = value_of(inputs), value_of(kwargs)
             args, kwargs, batch_size = tracer.model._prepare_input(*inputs, **kwargs)
         self.inputs, self.kwargs, self.batch_size = tracer.model._invoker_inputs(args, kwargs), kwargs, batch_size
