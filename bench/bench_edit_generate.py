@@ -40,7 +40,7 @@ import torch.nn as nn  # noqa: E402
 torch.set_num_threads(1)
 
 import raysight  # noqa: E402
-from bench_trace import Row, TwoLayer, measure, print_table, raysight_revision, rows_for, val  # noqa: E402
+from bench_trace import Row, TwoLayer, measure, print_table, print_targets, raysight_revision, rows_for, val  # noqa: E402
 
 try:  # nnsight is optional here: case B skips it when it is missing
     import nnsight  # noqa: E402
@@ -360,16 +360,7 @@ def main() -> int:
     if b:
         targets.append((f"B raysight generate / HF generate <= {GENERATE_TARGET}x", b["raysight_over_plain"],
                         GENERATE_TARGET, "x"))  # fmt: skip
-    print()
-    print("targets:")
-    verdicts = []
-    for label, value, limit, unit in targets:
-        ok = value <= limit
-        verdicts.append({"target": label, "value": value, "limit": limit, "unit": unit, "pass": ok})
-        print(f"  {'PASS' if ok else 'MISS'}  {label:<56} measured {value:.4f} {unit}")
-    elapsed = time.perf_counter() - t_start
-    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    print(f"\ntotal {elapsed:.0f} s; load average at start {load:.2f}, at end {load_end:.2f} (this run adds ~1)")
+    verdicts, elapsed, load_end = print_targets(targets, t_start, load, digits=4)
 
     if cfg.json:
         doc = {

@@ -519,6 +519,22 @@ def case4(cfg: argparse.Namespace, gpt) -> tuple[list[Row], dict]:
     return rows, extra
 
 
+def print_targets(targets: list, t_start: float, load: float, digits: int) -> tuple[list[dict], float, float]:
+    """Print each (label, value, limit, unit) as PASS/MISS and the run's duration and load; return the verdicts,
+    the elapsed seconds and the load average at the end."""
+    print()
+    print("targets:")
+    verdicts = []
+    for label, value, limit, unit in targets:
+        ok = value <= limit
+        verdicts.append({"target": label, "value": value, "limit": limit, "unit": unit, "pass": ok})
+        print(f"  {'PASS' if ok else 'MISS'}  {label:<56} measured {value:.{digits}f} {unit}")
+    elapsed = time.perf_counter() - t_start
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    print(f"\ntotal {elapsed:.0f} s; load average at start {load:.2f}, at end {load_end:.2f} (this run adds ~1)")
+    return verdicts, elapsed, load_end
+
+
 def raysight_revision() -> str:
     """The git commit raysight was imported from, with "+dirty" when its files differ from that commit."""
     import subprocess
@@ -729,16 +745,7 @@ def main() -> int:
                         "KiB"))  # fmt: skip
         targets.append(("case 5 RSS growth over the loop ~0 (<= 1024 KiB)",
                         max(mem["empty"]["rss_growth_kb"], mem["save1"]["rss_growth_kb"]), 1024.0, "KiB"))
-    print()
-    print("targets:")
-    verdicts = []
-    for label, value, limit, unit in targets:
-        ok = value <= limit
-        verdicts.append({"target": label, "value": value, "limit": limit, "unit": unit, "pass": ok})
-        print(f"  {'PASS' if ok else 'MISS'}  {label:<56} measured {value:.3f} {unit}")
-    elapsed = time.perf_counter() - t_start
-    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    print(f"\ntotal {elapsed:.0f} s; load average at start {load:.2f}, at end {load_end:.2f} (this run adds ~1)")
+    verdicts, elapsed, load_end = print_targets(targets, t_start, load, digits=3)
 
     if cfg.json:
         doc = {
