@@ -9,7 +9,7 @@ A session is a graph like a trace's: each trace in it becomes a TRACE node whose
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from raysight.backends.base import Request, current_default
 from raysight.errors import TraceError

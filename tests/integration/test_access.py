@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import raysight
-from conftest import assert_no_hooks, capture
+from helpers import assert_no_hooks, capture
 
 
 def test_output_of_a_submodule_equals_the_torch_output(model, mlp, x):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import raysight
-from conftest import unchanged
+from helpers import unchanged
 
 UNSET_MESSAGE = r"Accessing value before it's been set\."
 

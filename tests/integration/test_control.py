@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_no_hooks, run_with_hook
+from helpers import assert_no_hooks, run_with_hook
 
 UNSET_MESSAGE = r"Accessing value before it's been set\."
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import raysight
-from conftest import encode, oracle_blocks
+from lm_helpers import encode, oracle_blocks
 
 pytest.importorskip("accelerate")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_no_hooks, run_with_call_hook, run_with_hook, unchanged
+from helpers import assert_no_hooks, run_with_call_hook, run_with_hook, unchanged
 
 
 def _close(a, b) -> bool:

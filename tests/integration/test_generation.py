@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import raysight
-from conftest import ARCHS, PROMPTS, assert_no_hooks, encode, hf_module, oracle_generate
+from helpers import assert_no_hooks
+from lm_helpers import ARCHS, PROMPTS, encode, hf_module, oracle_generate
 
 ATOL = 1e-5
 N = 4

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import raysight
-from conftest import assert_no_hooks, notes_text, unchanged
+from helpers import assert_no_hooks, notes_text, unchanged
 
 THIS_FILE = os.path.basename(__file__)
 

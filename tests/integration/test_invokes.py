@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import raysight
-from conftest import assert_no_hooks
+from helpers import assert_no_hooks
 
 
 def test_invokes_run_in_one_forward_pass(model, mlp, x, xb, count_calls):

@@ -8,17 +8,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import raysight
-from conftest import (
-    LAYERS,
-    _config,
-    assert_no_hooks,
-    bert_tokenizer,
-    encode,
-    hf_module,
-    oracle_blocks,
-    oracle_forward,
-    submodule,
-)
+from helpers import assert_no_hooks
+from lm_helpers import LAYERS, _config, bert_tokenizer, encode, hf_module, oracle_blocks, oracle_forward, submodule
 
 TEXT = "The Eiffel Tower is in the city of"
 SHORT = "hello world"

@@ -7,7 +7,7 @@ import tracemalloc
 
 import torch
 
-from conftest import assert_no_hooks
+from helpers import assert_no_hooks
 
 
 def _trace_once(model, x):

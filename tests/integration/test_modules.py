@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_no_hooks
+from helpers import assert_no_hooks
 
 
 def test_ad_hoc_call_of_a_module_equals_the_real_output(model, mlp, x):

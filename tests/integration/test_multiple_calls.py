@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import raysight
-from conftest import all_calls_outputs, assert_no_hooks, notes_text, run_with_call_hook, unchanged
+from helpers import all_calls_outputs, assert_no_hooks, notes_text, run_with_call_hook, unchanged
 
 
 def _close(a, b) -> bool:

@@ -9,17 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import raysight
-from conftest import (
-    ARCHS,
-    LAYERS,
-    PROMPTS,
-    bert_tokenizer,
-    block_output,
-    encode,
-    oracle_blocks,
-    oracle_forward,
-    submodule,
-)
+from lm_helpers import ARCHS, LAYERS, PROMPTS, bert_tokenizer, block_output, encode, oracle_blocks, oracle_forward, submodule
 
 ATOL = 1e-5
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import raysight
-from conftest import assert_no_hooks, notes_text, unchanged
+from helpers import assert_no_hooks, notes_text, unchanged
 
 THIS_FILE = os.path.basename(__file__)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import raysight
-from conftest import all_calls_outputs, capture, notes_text, unchanged
+from helpers import all_calls_outputs, capture, notes_text, unchanged
 
 THIS_FILE = os.path.basename(__file__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import run_with_hook
+from helpers import run_with_hook
 
 
 def test_swapping_the_whole_output(model, mlp, x):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import raysight
-from conftest import assert_no_hooks
+from helpers import assert_no_hooks
 
 
 def test_if_on_proxy_raises_trace_error_naming_tracer_cond(model, mlp, x, count_calls):
