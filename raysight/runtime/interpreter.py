@@ -6,8 +6,8 @@ not produced. Hooks deliver *events* (a module's input or output); on each event
 can. A stream that reaches a read whose module already fired in this pass raises :class:`OutOfOrderError`.
 
 Values live in ``env`` (one slot per node) and are freed when the last node that uses them has run (reference
-counts), unless saved. Gradients: a GRAD node followed by a ``backward()`` in the same stream becomes a stream of
-its own (the GRAD node and what depends on it), run inside a tensor hook during that backward pass.
+counts), unless saved. Gradients (``gradients.py``), session traces and loops and the multi-call regions of
+``.all()`` (``loops.py``) are mixins; the streams, events and sentinels they share are in ``state.py``.
 """
 
 from __future__ import annotations
@@ -21,89 +21,25 @@ import torch
 from raysight.errors import InterventionError, MissedProviderError, OutOfOrderError, TimeLimitError
 from raysight.graph.node import Calls, Location, Node, Op, map_nodes
 from raysight.runtime.batching import Rows, narrow, replace_rows
+from raysight.runtime.gradients import Gradients
+from raysight.runtime.loops import Loops
+from raysight.runtime.state import (  # noqa: F401 - re-exported: the runtime's public names live here
+    FREED,
+    SKIPPED,
+    UNSET,
+    EarlyStop,
+    Event,
+    RegionEnd,
+    StopLoop,
+    Stream,
+    annotate,
+    same_view,
+)
 
 logger = logging.getLogger(__name__)
 
 
-class _Sentinel:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"<{self.name}>"
-
-
-UNSET: Any = _Sentinel("unset")
-SKIPPED: Any = _Sentinel("skipped")
-FREED: Any = _Sentinel("freed")
-
-
-class _RegionEnd(Exception):
-    """An open-ended region (``.all()``) found no further call of its module: it is over."""
-
-
-class StopLoop(Exception):
-    """``session.stop()`` was reached: ends the innermost ``session.iter`` loop, or the session outside loops."""
-
-
-class EarlyStop(Exception):
-    """Raised inside the forward pass to end it when a STOP node runs (caught by the backend)."""
-
-
-class Event:
-    """A module's value as a hook delivers it; writes replace ``value`` and set ``modified``."""
-
-    __slots__ = ("key", "call", "value", "modified")
-
-    def __init__(self, key: tuple, call: int, value: Any) -> None:
-        self.key = key  # (module path, is_input)
-        self.call = call
-        self.value = value
-        self.modified = False
-
-
-class Stream:
-    """One invoke's body (or the code outside invokes), run as a generator."""
-
-    # Defaults live on the class (a stream is made per invoke per trace: only what differs is set per instance).
-    gen: Optional[Iterator] = None
-    waiting: Optional[Node] = None
-    wait_key: Optional[tuple] = None  # the event a blocked read waits for (None: waits on a value)
-    last_read: Optional[Location] = None
-    pending: Optional[dict] = None  # events that fired while this stream was busy (ad-hoc hook=True)
-    done = False
-    wants: Optional[dict] = None  # see last_access (built only when a stream waits through an event)
-    missed: Optional[dict] = None  # events it wanted that fired while it waited on something else
-    moved: frozenset = frozenset()  # nodes of its body handed to a gradient or multi-call stream (`|=` rebinds)
-    last_event: Optional[Event] = None  # the last event a read or write of this stream used
-
-    def __init__(self, label: str, rows: Optional[Rows], open_ended: bool = False, body: Optional[list] = None):
-        self.label = label
-        self.rows = rows
-        self.open_ended = open_ended  # a region over every call: ends quietly when the module stops firing
-        self.body = body if body is not None else []
-
-    def last_access(self) -> dict:
-        """(event key, call) -> the index of the last single-call read or write of it in this stream's body."""
-        if self.wants is None:
-            wants: dict[tuple, int] = {}
-            stack = list(self.body)
-            while stack:
-                node = stack.pop()
-                if node.op is Op.READ or node.op is Op.WRITE:
-                    loc = node.target
-                    if type(loc.call) is int:
-                        want = ((loc.path, loc.is_input), loc.call)
-                        wants[want] = max(wants.get(want, -1), node.index)
-                elif node.body is not None and node.op is not Op.INVOKE:
-                    stack.extend(node.body)
-            self.wants = wants
-        return self.wants
-
-
-class Interleaver:
+class Interleaver(Gradients, Loops):
     """Executes one graph against one forward pass; hooks call :meth:`on_event`."""
 
     def __init__(
@@ -351,7 +287,7 @@ class Interleaver:
         loc: Location = node.target
         fired = self.counts.get((loc.path, loc.is_input), 0)
         if stream.open_ended:
-            raise _RegionEnd()
+            raise RegionEnd()
         if fired and call >= fired:
             module = loc.describe().rsplit(".", 1)[0]
             raise annotate(
@@ -443,7 +379,7 @@ class Interleaver:
         new = self._load(node.args[0])
         current = _select(event.value, loc.key)
         where = f"{loc} in {stream.label}"
-        if _same_view(new, narrow(current, stream.rows)):
+        if same_view(new, narrow(current, stream.rows)):
             return None  # an in-place edit written back (`x += 1`): the batch already holds it
         if loc.key == "output":
             event.value = replace_rows(current, stream.rows, new, where)
@@ -480,195 +416,9 @@ class Interleaver:
                 return getattr(module, attr).clone()
         return value.clone() if isinstance(value, torch.Tensor) else value
 
-    def set_grad(self, node: Node, stream: Stream, event: Any) -> None:
-        tensor, grad = self._load(node.args)
-        key = _grad_key(tensor)
-        if key in self.grad_overrides:  # inside that tensor's gradient hook: replaces the flowing gradient
-            self.grad_overrides[key] = grad
-        else:
-            tensor.grad = grad
-        return None
-
     def log(self, node: Node, stream: Stream, event: Any) -> None:
         print(*self._load(node.args), **self._load(node.kwargs))  # the user asked for it: tracer.log
         return None
-
-    # -- sessions: traces and loops ---------------------------------------------------------------------------
-    def _run_trace(self, node: Node) -> None:
-        from raysight.runtime.execute import run_trace
-
-        spec = node.target
-        invokes = [spec.model._prepare_deferred(inv, self._load) for inv in spec.invokes]
-        forward_kwargs = self._load(spec.forward_kwargs)
-        run_trace(spec.model, node.body, self.nodes, invokes, forward_kwargs, spec.method, parent=self)
-
-    def _run_loop(self, node: Node, stream: Stream) -> Iterator[None]:
-        collection = self._load(node.args[0])
-        if not hasattr(collection, "__len__") or not hasattr(collection, "__iter__"):
-            raise annotate(
-                TypeError(
-                    f"session.iter() needs a collection with a length (list, tuple, tensor, DataLoader, "
-                    f"raysight.list()), got {type(collection).__name__}; wrap a generator in list(...)"
-                ),
-                node,
-            )
-        inner = [n for n in _walk(node.body)]
-        inside = {n.index for n in inner}
-        env, remaining = self.env, self.remaining
-        # Outer values the body uses (and the loop's element) must survive every iteration: pin them, counting
-        # the body's uses, and release those uses once the loop is over.
-        uses: dict[int, int] = {node.index: 0}
-        for n in inner:
-            for dep in n.deps:
-                if dep.index not in inside:
-                    uses[dep.index] = uses.get(dep.index, 0) + 1
-        before = {i: remaining[i] for i in uses}
-        pinned = 1 << 40
-        for i in uses:
-            remaining[i] = pinned
-        try:
-            for item in collection:
-                for n in inner:  # a fresh iteration: what the body computed last time is gone
-                    env[n.index] = UNSET
-                    remaining[n.index] = n.num_users
-                env[node.index] = item
-                self.executed += 1
-                try:
-                    yield from self._run_body(node.body, stream)
-                except StopLoop:
-                    break
-        finally:
-            for i, count in uses.items():
-                remaining[i] = before[i] - count
-                if remaining[i] <= 0 and not self.nodes[i].saved and env[i] is not SKIPPED:
-                    env[i] = FREED
-            self._release(node)  # the collection
-
-    # -- several calls of a module (.all(), .iter[...]) -------------------------------------------------------
-    def _arm_region(self, first: Node, body: list[Node], stream: Stream) -> None:
-        """Move the multi-call reads of ``first``'s scope, and every later node of ``body`` that depends on them,
-        into a stream that runs once per selected call; the rest of ``body`` stays here and runs once."""
-        calls: Calls = first.target.call
-        members: set[int] = set()
-        closure: list[Node] = []
-        for node in body[body.index(first) :]:
-            if node.index in stream.moved:
-                continue
-            loc = node.target if node.op is Op.READ or node.op is Op.WRITE else None
-            in_scope = loc is not None and type(loc.call) is Calls and loc.call.scope == calls.scope
-            if in_scope or any(d.index in members for d in node.deps):
-                members.add(node.index)
-                closure.append(node)
-        stream.moved |= members
-        pinned = 1 << 40  # values a region uses must survive every iteration
-        for node in closure:
-            self.remaining[node.index] = pinned
-            for dep in node.deps:
-                self.remaining[dep.index] = pinned
-        region = Stream(f"{stream.label} ({calls})", stream.rows, open_ended=calls.items is None
-                        and calls.stop is None)  # fmt: skip
-        region.gen = self._run_region(closure, calls, region)
-        self.streams.append(region)
-
-    def _run_region(self, closure: list[Node], calls: Calls, stream: Stream) -> Iterator[None]:
-        env = self.env
-        for step in calls.indices():
-            stream.moved = frozenset()  # gradient streams armed in the last iteration took their nodes with them
-            for node in closure:  # a fresh iteration: nothing of the last one counts as done
-                env[node.index] = UNSET
-            try:
-                yield from self._run_body(closure, stream, step)
-            except _RegionEnd:
-                for node in closure:
-                    if env[node.index] is UNSET:
-                        env[node.index] = SKIPPED
-                return
-
-    # -- gradients ------------------------------------------------------------------------------------------
-    def _arm_grad(self, node: Node, body: list[Node], stream: Stream) -> None:
-        """``x.grad``: if a backward() is recorded after it, run the GRAD node and what depends on it inside a hook
-        on ``x`` during that backward pass; otherwise it is the plain ``x.grad`` attribute (``retain_grad``)."""
-        source = node.args[0]
-        tensor = self._load(source)  # a node's value, or a tensor saved by an earlier trace
-        if not isinstance(source, Node):
-            source = _Constant(tensor)
-        if not self._backward_after(node):
-            self._set(node, tensor.grad)
-            return
-        position = body.index(node)
-        owned = {node.index}
-        closure = [node]
-        for other in body[position + 1 :]:
-            if other.index not in stream.moved and any(d.index in owned for d in other.deps):
-                owned.add(other.index)
-                closure.append(other)
-        stream.moved |= owned
-        if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
-            raise annotate(
-                InterventionError(
-                    f"`.grad` of {source.name} cannot be observed: the value does not require grad. Set "
-                    "`.requires_grad = True` on it (or on an earlier value) inside the trace first."
-                ),
-                node,
-            )
-        # A view (an invoke's rows, `output[0]`) is often not itself on the loss's path: its base is. So watch the
-        # view and its base; whichever the backward pass reaches first gives the gradient (from the base: the view's
-        # elements of it, as a view, so in-place edits edit the base's gradient).
-        base = tensor._base if tensor._base is not None and tensor._base.requires_grad else None
-        grad_stream = Stream(f"{stream.label} (gradient of {source.name})", None)
-        armed = (node, grad_stream)
-        self.armed.append(armed)
-        key = _grad_key(tensor)
-        handles: list = []
-
-        def run(mine: torch.Tensor) -> torch.Tensor:
-            for handle in handles:
-                handle.remove()
-            self.armed.remove(armed)
-            self._set(node, mine)
-            self.grad_overrides[key] = mine
-            grad_stream.gen = self._run_body(closure[1:], grad_stream)
-            self.streams.append(grad_stream)
-            try:
-                next(grad_stream.gen)
-            except StopIteration:
-                grad_stream.done = True
-            return self.grad_overrides.pop(key)
-
-        def on_view_grad(grad: torch.Tensor) -> torch.Tensor:
-            return run(grad)
-
-        def on_base_grad(grad: torch.Tensor) -> torch.Tensor:
-            grad = grad if grad.stride() == base.stride() else grad.contiguous()
-            if grad.stride() != base.stride():
-                raise annotate(InterventionError(f"the gradient of {source.name} cannot be taken from its base "
-                                                 "tensor's gradient (different memory layout)"), node)  # fmt: skip
-            offset = tensor.storage_offset() - base.storage_offset()
-            mine = grad.as_strided(tensor.shape, tensor.stride(), grad.storage_offset() + offset)
-            new = run(mine)
-            if _same_view(new, mine):
-                return grad
-            full = grad.clone()
-            full.as_strided(tensor.shape, tensor.stride(), full.storage_offset() + offset).copy_(new)
-            return full
-
-        handles.append(tensor.register_hook(on_view_grad))
-        if base is not None:
-            handles.append(base.register_hook(on_base_grad))
-
-    def _backward_after(self, node: Node) -> bool:
-        """Is a backward pass recorded after ``node`` (edits come before the trace's own nodes)?"""
-        if self._backwards is None:
-            self._backwards = [
-                n.index
-                for n in self.nodes
-                if (n.op is Op.CALL_METHOD and n.target == "backward")
-                or (n.op is Op.CALL_FUNCTION and n.target is torch.autograd.backward)
-            ]
-        if node.index >= self.edit_start:
-            return any(i < self.edit_start or i > node.index for i in self._backwards)
-        return any(node.index < i < self.edit_start for i in self._backwards)
-
 
 _OPS = {
     Op.CALL_FUNCTION: Interleaver.call_function,
@@ -681,30 +431,6 @@ _OPS = {
     Op.SET_GRAD: Interleaver.set_grad,
     Op.LOG: Interleaver.log,
 }  # one interpreter method per op (COND, INVOKE, STOP and GRAD are handled by the stream itself)
-
-
-class _Constant:
-    """Stands in for a node in messages about a tensor that came into the graph as a value."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-        self.name = f"a {type(value).__name__} saved by an earlier run"
-        self.source = "an earlier trace"
-
-
-def _grad_key(tensor: Any) -> Any:
-    """Which tensor a gradient belongs to: several reads of one module give the same tensor (or, in an invoke,
-    views of the same rows), so the key is its memory, not the node that produced it."""
-    if isinstance(tensor, torch.Tensor):
-        return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
-    return ("value", id(tensor))
-
-
-def _walk(body: list[Node]) -> Iterator[Node]:
-    for node in body:
-        yield node
-        if node.body is not None:
-            yield from _walk(node.body)
 
 
 def _select(value: Any, key: str) -> Any:
@@ -727,19 +453,6 @@ def _as_inputs(new: Any, where: str) -> tuple:
     return (tuple(new[0]), new[1])
 
 
-def _same_view(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    return (
-        isinstance(a, torch.Tensor)
-        and isinstance(b, torch.Tensor)
-        and a.data_ptr() == b.data_ptr()
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.dtype == b.dtype
-    )
-
-
 def _device_of(module: torch.nn.Module) -> Optional[torch.device]:
     for p in module.parameters():
         return p.device
@@ -757,15 +470,3 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def annotate(exc: BaseException, node: Node) -> BaseException:
-    """Attach the failing node and the user's line that created it to ``exc`` (keeping its type)."""
-    if getattr(exc, "_raysight_node", None) is not None:
-        return exc
-    where = f"\n    {node.source}: {node.source.text()}" if node.source else ""
-    note = f"raysight: while running {node.format()}, created at{where or ' <unknown>'}"
-    exc._raysight_node = node.index  # type: ignore[attr-defined]
-    if hasattr(exc, "add_note"):
-        exc.add_note(note)
-    elif exc.args and isinstance(exc.args[0], str):
-        exc.args = (f"{exc.args[0]}\n{note}", *exc.args[1:])
-    return exc

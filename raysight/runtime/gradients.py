@@ -1,0 +1,135 @@
+"""Gradients: ``x.grad`` read, edited or replaced during the backward pass recorded after it.
+
+A GRAD node followed (anywhere later in program order) by a ``backward()`` becomes a stream of its own — the GRAD
+node and the nodes that depend on it — run inside a tensor hook during that backward pass. A view (an invoke's
+rows, ``output[0]``) also hooks its base, since the loss often depends on the base only. Without a later backward
+``x.grad`` is the plain attribute (``retain_grad``). A mixin of :class:`~raysight.runtime.interpreter.Interleaver`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from raysight.graph.node import Node, Op
+from raysight.errors import InterventionError
+from raysight.runtime.state import Stream, annotate, same_view
+
+
+class Gradients:
+    """Gradient methods of the Interleaver (it supplies env, streams, _set, _load, _run_body)."""
+
+    def set_grad(self, node: Node, stream: Stream, event: Any) -> None:
+        tensor, grad = self._load(node.args)
+        key = _grad_key(tensor)
+        if key in self.grad_overrides:  # inside that tensor's gradient hook: replaces the flowing gradient
+            self.grad_overrides[key] = grad
+        else:
+            tensor.grad = grad
+        return None
+
+    # -- arming ------------------------------------------------------------------------------------------
+    def _arm_grad(self, node: Node, body: list[Node], stream: Stream) -> None:
+        """``x.grad``: if a backward() is recorded after it, run the GRAD node and what depends on it inside a hook
+        on ``x`` during that backward pass; otherwise it is the plain ``x.grad`` attribute (``retain_grad``)."""
+        source = node.args[0]
+        tensor = self._load(source)  # a node's value, or a tensor saved by an earlier trace
+        if not isinstance(source, Node):
+            source = _Constant(tensor)
+        if not self._backward_after(node):
+            self._set(node, tensor.grad)
+            return
+        position = body.index(node)
+        owned = {node.index}
+        closure = [node]
+        for other in body[position + 1 :]:
+            if other.index not in stream.moved and any(d.index in owned for d in other.deps):
+                owned.add(other.index)
+                closure.append(other)
+        stream.moved |= owned
+        if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+            raise annotate(
+                InterventionError(
+                    f"`.grad` of {source.name} cannot be observed: the value does not require grad. Set "
+                    "`.requires_grad = True` on it (or on an earlier value) inside the trace first."
+                ),
+                node,
+            )
+        # A view (an invoke's rows, `output[0]`) is often not itself on the loss's path: its base is. So watch the
+        # view and its base; whichever the backward pass reaches first gives the gradient (from the base: the view's
+        # elements of it, as a view, so in-place edits edit the base's gradient).
+        base = tensor._base if tensor._base is not None and tensor._base.requires_grad else None
+        grad_stream = Stream(f"{stream.label} (gradient of {source.name})", None)
+        armed = (node, grad_stream)
+        self.armed.append(armed)
+        key = _grad_key(tensor)
+        handles: list = []
+
+        def run(mine: torch.Tensor) -> torch.Tensor:
+            for handle in handles:
+                handle.remove()
+            self.armed.remove(armed)
+            self._set(node, mine)
+            self.grad_overrides[key] = mine
+            grad_stream.gen = self._run_body(closure[1:], grad_stream)
+            self.streams.append(grad_stream)
+            try:
+                next(grad_stream.gen)
+            except StopIteration:
+                grad_stream.done = True
+            return self.grad_overrides.pop(key)
+
+        def on_view_grad(grad: torch.Tensor) -> torch.Tensor:
+            return run(grad)
+
+        def on_base_grad(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad if grad.stride() == base.stride() else grad.contiguous()
+            if grad.stride() != base.stride():
+                raise annotate(InterventionError(f"the gradient of {source.name} cannot be taken from its base "
+                                                 "tensor's gradient (different memory layout)"), node)  # fmt: skip
+            offset = tensor.storage_offset() - base.storage_offset()
+            mine = grad.as_strided(tensor.shape, tensor.stride(), grad.storage_offset() + offset)
+            new = run(mine)
+            if same_view(new, mine):
+                return grad
+            full = grad.clone()
+            full.as_strided(tensor.shape, tensor.stride(), full.storage_offset() + offset).copy_(new)
+            return full
+
+        handles.append(tensor.register_hook(on_view_grad))
+        if base is not None:
+            handles.append(base.register_hook(on_base_grad))
+
+    def _backward_after(self, node: Node) -> bool:
+        """Is a backward pass recorded after ``node`` (edits come before the trace's own nodes)?"""
+        if self._backwards is None:
+            self._backwards = [
+                n.index
+                for n in self.nodes
+                if (n.op is Op.CALL_METHOD and n.target == "backward")
+                or (n.op is Op.CALL_FUNCTION and n.target is torch.autograd.backward)
+            ]
+        if node.index >= self.edit_start:
+            return any(i < self.edit_start or i > node.index for i in self._backwards)
+        return any(node.index < i < self.edit_start for i in self._backwards)
+
+
+
+class _Constant:
+    """Stands in for a node in messages about a tensor that came into the graph as a value."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.name = f"a {type(value).__name__} saved by an earlier run"
+        self.source = "an earlier trace"
+
+
+def _grad_key(tensor: Any) -> Any:
+    """Which tensor a gradient belongs to: several reads of one module give the same tensor (or, in an invoke,
+    views of the same rows), so the key is its memory, not the node that produced it."""
+    if isinstance(tensor, torch.Tensor):
+        return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+    return ("value", id(tensor))
+
+
