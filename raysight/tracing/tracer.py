@@ -19,6 +19,7 @@ from raysight.graph.node import Calls, Node, Op, user_source
 from raysight.graph.proxy import _CURRENT, Proxy, current_recorder, value_of
 from raysight.tracing import creation
 from raysight.tracing import scan as scan_mod
+from raysight.tracing.calls import CallScope, parse_calls
 
 if TYPE_CHECKING:
     from raysight.models.nnsight import NNsight
@@ -176,7 +177,7 @@ class Tracer:
             start = self.call_index(paths[0]) if paths else 0
             calls = Calls(start.start if isinstance(start, Calls) else start, None, None, self._scopes)
         else:
-            calls = _parse_calls(selection, self._scopes)
+            calls = parse_calls(selection, self._scopes)
         return CallScope(self, paths, calls)
 
     # -- the user's API -------------------------------------------------------------------------------------
@@ -449,49 +450,3 @@ class Block:
         return False
 
 
-class CallScope:
-    """Applies a multi-call selection at once (statement form, sticky) and undoes it when used as ``with``."""
-
-    def __init__(self, tracer: Tracer, paths: list[str], calls: Calls) -> None:
-        self._tracer = tracer
-        self._previous = {p: tracer._calls.get(p) for p in paths}
-        for path in paths:
-            tracer._calls[path] = calls
-        self.calls = calls
-
-    def __enter__(self) -> "CallScope":
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        calls = self._tracer._calls
-        for path, previous in self._previous.items():
-            if previous is None:
-                calls.pop(path, None)
-            else:
-                calls[path] = previous
-        return False
-
-
-def _parse_calls(selection: Any, scope: int) -> Calls:
-    hint = "use envoy.iter[i], envoy.iter[a:b] or envoy.iter[[i, j]] with non-negative call indices"
-    if isinstance(selection, int) and not isinstance(selection, bool):
-        if selection < 0:
-            raise IndexError(f"iter[{selection}]: call indices count from 0; {hint}")
-        return Calls(items=(selection,), scope=scope)
-    if isinstance(selection, slice):
-        start = 0 if selection.start is None else selection.start
-        step = 1 if selection.step is None else selection.step
-        if not all(isinstance(v, int) for v in (start, step)) or start < 0 or step < 1:
-            raise IndexError(f"iter[{selection}] is not a valid selection of calls; {hint}")
-        if selection.stop is None:
-            if step != 1:
-                raise IndexError(f"iter[{selection}]: an open-ended slice cannot have a step; {hint}")
-            return Calls(start, None, None, scope)
-        if not isinstance(selection.stop, int) or selection.stop < start:
-            raise IndexError(f"iter[{selection}] is not a valid selection of calls; {hint}")
-        return Calls(items=tuple(range(start, selection.stop, step)), scope=scope)
-    if isinstance(selection, (list, tuple)):
-        if not selection or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in selection):
-            raise IndexError(f"iter[{list(selection)}] is not a valid selection of calls; {hint}")
-        return Calls(items=tuple(sorted(set(selection))), scope=scope)
-    raise TypeError(f"iter[...] takes an int, a slice or a list of ints, not {type(selection).__name__}; {hint}")
