@@ -334,13 +334,19 @@ def test_grad_read_in_an_invoke_with_backward_recorded_after_the_invokes(model, 
     assert torch.allclose(g.value, want, atol=1e-6)
 
 
-def test_grad_of_the_second_call_of_a_reused_module(loop_model, loop, x4):
-    outs = []
+def _cell_outputs(loop: Any, x: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """Oracle: every call's output of the reused cell, and the final output (graph kept for autograd.grad)."""
+    outs: list = []
     handle = loop.cell.register_forward_hook(lambda m, a, out: outs.append(out))
     try:
-        final = loop(x4)
+        final = loop(x)
     finally:
         handle.remove()
+    return outs, final
+
+
+def test_grad_of_the_second_call_of_a_reused_module(loop_model, loop, x4):
+    outs, final = _cell_outputs(loop, x4)
     (want,) = torch.autograd.grad(final.sum(), outs[1])
     loop.zero_grad(set_to_none=True)
     with loop_model.trace(x4):
@@ -350,12 +356,7 @@ def test_grad_of_the_second_call_of_a_reused_module(loop_model, loop, x4):
 
 
 def test_grad_under_all_gives_each_calls_gradient(loop_model, loop, x4):
-    outs = []
-    handle = loop.cell.register_forward_hook(lambda m, a, out: outs.append(out))
-    try:
-        final = loop(x4)
-    finally:
-        handle.remove()
+    outs, final = _cell_outputs(loop, x4)
     want = torch.autograd.grad(final.sum(), outs)
     loop.zero_grad(set_to_none=True)
     with loop_model.trace(x4):

@@ -25,6 +25,7 @@ from torch.optim.sgd import SGD as _TorchSGD
 from torch.utils.data.dataloader import DataLoader as _TorchDataLoader
 
 import raysight
+from helpers import MLP
 
 
 # -- helpers (local to this file) -----------------------------------------------------------------------------
@@ -58,14 +59,7 @@ def _notes(exc: BaseException) -> str:
     return str(exc) + "\n" + "\n".join(getattr(exc, "__notes__", []) or [])
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer1 = nn.Linear(5, 10)
-        self.layer2 = nn.Linear(10, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer2(self.layer1(x))
+Net = MLP  # the shared two-layer model (tests/helpers.py)
 
 
 @pytest.fixture
