@@ -14,8 +14,32 @@ from typing import Any, Iterator, Optional
 import torch
 
 from raysight.errors import TraceError
-from raysight.graph.node import Location, Op
-from raysight.graph.proxy import Proxy, current_recorder
+from raysight.graph.node import Op
+from raysight.graph.proxy import _CURRENT, Proxy, current_recorder
+
+
+class _ModuleValue:
+    """``envoy.output`` / ``.input`` / ``.inputs``: reading records a READ of that value of the module in the trace
+    recording now, assigning records a WRITE. (A descriptor rather than a property: reading a module value is the
+    most frequent thing a trace does, and this makes it one call.)"""
+
+    def __init__(self, key: str, doc: str) -> None:
+        self.key = key
+        self.__doc__ = doc
+
+    def __get__(self, envoy: Optional["Envoy"], owner: Any = None) -> Any:
+        if envoy is None:
+            return self
+        rec = _CURRENT.get()
+        if rec is None or not rec.recording or rec.root_module is not envoy._root._module:
+            rec = envoy._recorder(self.key)  # raises the error that says what is wrong, or allows a session
+        return rec.record_access(Op.READ, envoy._path, self.key)
+
+    def __set__(self, envoy: "Envoy", value: Any) -> None:
+        rec = _CURRENT.get()
+        if rec is None or not rec.recording or rec.root_module is not envoy._root._module:
+            rec = envoy._recorder(self.key)
+        rec.record_access(Op.WRITE, envoy._path, self.key, (value,))
 
 
 class Envoy:
@@ -101,41 +125,10 @@ class Envoy:
             )
         return rec
 
-    def _location(self, rec: Any, key: str) -> Location:
-        return Location(self._path, key, rec.call_index(self._path))
-
-    @property
-    def output(self) -> Proxy:
-        """The module's output in this forward pass (narrowed to the invoke's rows)."""
-        rec = self._recorder("output")
-        return rec.record(Op.READ, self._location(rec, "output"))
-
-    @output.setter
-    def output(self, value: Any) -> None:
-        rec = self._recorder("output")
-        rec.record(Op.WRITE, self._location(rec, "output"), (value,))
-
-    @property
-    def input(self) -> Proxy:
-        """The module's first positional argument (or its first keyword argument when called without any)."""
-        rec = self._recorder("input")
-        return rec.record(Op.READ, self._location(rec, "input"))
-
-    @input.setter
-    def input(self, value: Any) -> None:
-        rec = self._recorder("input")
-        rec.record(Op.WRITE, self._location(rec, "input"), (value,))
-
-    @property
-    def inputs(self) -> Proxy:
-        """All of the module's arguments as ``((args...), {kwargs})``."""
-        rec = self._recorder("inputs")
-        return rec.record(Op.READ, self._location(rec, "inputs"))
-
-    @inputs.setter
-    def inputs(self, value: Any) -> None:
-        rec = self._recorder("inputs")
-        rec.record(Op.WRITE, self._location(rec, "inputs"), (value,))
+    output = _ModuleValue("output", "The module's output in this forward pass (narrowed to the invoke's rows).")
+    input = _ModuleValue("input", "The module's first positional argument (or its first keyword argument when "
+                         "called without any).")  # fmt: skip
+    inputs = _ModuleValue("inputs", "All of the module's arguments as ``((args...), {kwargs})``.")
 
     def next(self, steps: int = 1) -> "Envoy":
         """Later accesses of this module and its descendants refer to their next call (chainable)."""
@@ -197,12 +190,12 @@ class Envoy:
 
     # -- containers -----------------------------------------------------------------------------------------
     def __getitem__(self, key: Any) -> Any:
-        children = self._children
-        if isinstance(key, int) and not isinstance(key, bool) and -len(children) <= key < len(children):
+        if type(key) is int:  # the common case, `model.layers[i]`
             index = self.__dict__.get("_index")
-            if index is None or len(index) != len(children):
-                index = self.__dict__["_index"] = list(children.values())
-            return index[key]
+            if index is None or len(index) != len(self._children):
+                index = self.__dict__["_index"] = list(self._children.values())
+            if -len(index) <= key < len(index):
+                return index[key]
         children = list(self._children.values())
         if isinstance(key, slice):
             return children[key]

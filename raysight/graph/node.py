@@ -82,9 +82,8 @@ class Location(NamedTuple):
         return self.describe()
 
 
-@dataclass(frozen=True)
-class SourceLine:
-    """Where the user's code created a node."""
+class SourceLine(NamedTuple):
+    """Where the user's code created a node (a named tuple: made on every recorded node, so it must be cheap)."""
 
     filename: str
     lineno: int
@@ -109,6 +108,12 @@ _INTERNAL = tuple(
 
 
 _internal_code: dict[Any, bool] = {}
+_new_tuple = tuple.__new__  # builds a named tuple without its Python-level __new__ (recording's hot path)
+
+
+def location(path: str, key: str, call: Union[int, "Calls"] = 0) -> "Location":
+    """``Location(path, key, call)``, made the fast way."""
+    return _new_tuple(Location, (path, key, call))
 
 
 def user_source(skip: int = 2) -> Optional[SourceLine]:
@@ -121,15 +126,27 @@ def user_source(skip: int = 2) -> Optional[SourceLine]:
         if internal is None:
             internal = known[code] = code.co_filename.startswith(_INTERNAL)
         if not internal:
-            return SourceLine(code.co_filename, frame.f_lineno, code.co_name)
+            return _new_tuple(SourceLine, (code.co_filename, frame.f_lineno, code.co_name))
         frame = frame.f_back
     return None
+
+
+_NO_KWARGS: dict = {}
 
 
 class Node:
     """One operation in the graph. ``index`` is unique within the root graph and orders nodes as recorded."""
 
-    __slots__ = ("index", "op", "target", "args", "kwargs", "deps", "body", "saved", "source", "num_users", "flat")
+    # What most nodes share lives on the class, so making a node (the hot path of recording) sets only what
+    # differs: an instance-dict class with class defaults is made faster here than a __slots__ one.
+    args: tuple = ()
+    kwargs: dict = _NO_KWARGS  # shared: nothing mutates a node's kwargs
+    deps: tuple = ()  # the distinct nodes among the arguments
+    flat = True  # every node in the arguments is a direct argument: loading them is a plain lookup, not a walk
+    body: Optional[list] = None
+    saved = False
+    num_users = 0
+    event_key: Optional[tuple] = None  # READ/WRITE: (module path, is_input), the events it uses (set when run)
 
     def __init__(
         self,
@@ -144,17 +161,20 @@ class Node:
         self.index = index
         self.op = op
         self.target = target
-        self.args = args
-        self.kwargs = kwargs if kwargs is not None else {}
-        # flat: every node in the arguments is a direct positional or keyword argument, so loading them is a
-        # plain lookup (the interpreter's fast path); otherwise the arguments are walked
-        self.deps, self.flat = _scan_args(args, self.kwargs) if (args or kwargs) else ((), True)
-        self.body = body
-        self.saved = False
         self.source = source
-        self.num_users = 0
-        for dep in self.deps:
-            dep.num_users += 1
+        if body is not None:
+            self.body = body
+        if args or kwargs:
+            self.args = args
+            if kwargs is not None:
+                self.kwargs = kwargs
+            deps, flat = _scan_args(args, kwargs or _NO_KWARGS)
+            if deps:
+                self.deps = deps
+                for dep in deps:
+                    dep.num_users += 1
+            if not flat:
+                self.flat = False
 
     def set_args(self, args: tuple) -> None:
         """Give a node (a TRACE node, once its trace is recorded) the arguments it depends on."""

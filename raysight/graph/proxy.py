@@ -74,9 +74,10 @@ class Proxy:
     __slots__ = ("_node", "_recorder", "_value", "__weakref__")
 
     def __init__(self, node: Node, recorder: Recorder) -> None:
-        object.__setattr__(self, "_node", node)
-        object.__setattr__(self, "_recorder", recorder)
-        object.__setattr__(self, "_value", UNSET)
+        # Slots are set through their descriptors: __setattr__ records, and object.__setattr__ costs twice as much.
+        _set_node(self, node)
+        _set_recorder(self, recorder)
+        _set_value(self, UNSET)
 
     # -- identity -------------------------------------------------------------------------------------------
     @property
@@ -262,6 +263,16 @@ class Proxy:
         raise TraceError("Proxies cannot be pickled; save them and pickle their `.value` after the run.")
 
 
+_set_node = Proxy._node.__set__  # type: ignore[attr-defined]
+_set_recorder = Proxy._recorder.__set__  # type: ignore[attr-defined]
+_set_value = Proxy._value.__set__  # type: ignore[attr-defined]
+
+
+def set_value(proxy: Proxy, value: Any) -> None:
+    """Give a proxy the value its node produced (after the run)."""
+    _set_value(proxy, value)
+
+
 class _AttrProxy(Proxy):
     """``proxy.name``: becomes a GET_ATTR node only if used as a value, a CALL_METHOD node if called."""
 
@@ -270,16 +281,16 @@ class _AttrProxy(Proxy):
     def __init__(self, obj: Proxy, attr: str, recorder: Recorder) -> None:
         object.__setattr__(self, "_obj", obj)
         object.__setattr__(self, "_attr", attr)
-        object.__setattr__(self, "_node", None)
-        object.__setattr__(self, "_recorder", recorder)
-        object.__setattr__(self, "_value", UNSET)
+        _set_node(self, None)
+        _set_recorder(self, recorder)
+        _set_value(self, UNSET)
 
     @property
     def node(self) -> Node:
         node = self._node
         if node is None:
             node = self._recorder.record(Op.GET_ATTR, self._attr, (self._obj,)).node
-            object.__setattr__(self, "_node", node)
+            _set_node(self, node)
         return node
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

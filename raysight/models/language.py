@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -235,7 +235,8 @@ class LanguageModel(NNsight):
             batch[key] = torch.cat(pieces, dim=0)
         return (), batch
 
-    def _execute(self, method: str, args: tuple, kwargs: dict, dispatch: bool = True) -> Any:
+    def _execute(self, method: str, args: tuple, kwargs: dict, dispatch: bool = True,
+                 call: Optional[Callable] = None) -> Any:
         if dispatch:  # a scan runs on fake weights and must not load the real ones
             self._ensure_dispatched()
         module = self._module
@@ -251,6 +252,8 @@ class LanguageModel(NNsight):
         if _is_causal(module) and "position_ids" not in kwargs and "attention_mask" in kwargs:
             if _accepts(module, "position_ids"):
                 kwargs["position_ids"] = position_ids_from_mask(kwargs["attention_mask"])
+        if call is not None:
+            return call(module, args, kwargs)
         return module(*args, **kwargs)
 
 

@@ -7,7 +7,7 @@ The wrapper is the root :class:`~raysight.envoy.Envoy`. Subclasses adapt three s
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -137,7 +137,12 @@ class NNsight(Envoy):
     def _ensure_dispatched(self) -> None:
         """Load real weights before a local run (a wrapped module already has them)."""
 
-    def _execute(self, method: str, args: tuple, kwargs: dict, dispatch: bool = True) -> Any:
+    def _execute(self, method: str, args: tuple, kwargs: dict, dispatch: bool = True,
+                 call: Optional[Callable] = None) -> Any:
+        """Run the model. ``call(module, args, kwargs)``, when given, is how a forward pass calls the root module
+        (it delivers the root's events to a running graph)."""
+        if call is not None:
+            return call(self._module, args, kwargs)
         return self._module(*args, **kwargs)
 
     def _module_at(self, path: str) -> torch.nn.Module:

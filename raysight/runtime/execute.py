@@ -46,10 +46,13 @@ def run_trace(
         kwargs = {**kwargs, **forward_kwargs}
     if locations is None or model._edits:
         locations = {n.target for n in _walk(body) if n.op is Op.READ or n.op is Op.WRITE}
-    with HookSet(model._module_at, locations, interleaver):
+    direct_root = method == "forward"  # the root runs once: its events come around that call, not from hooks
+    with HookSet(model._module_at, locations, interleaver, direct_root) as hooks:
+        if direct_root:
+            interleaver.call_root = hooks.call_root
         interleaver.start()
         try:
-            model._execute(method, args, kwargs)
+            model._execute(method, args, kwargs, call=hooks.call_root if direct_root else None)
         except EarlyStop:
             return interleaver
         interleaver.finish()

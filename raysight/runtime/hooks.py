@@ -2,6 +2,10 @@
 
 One forward pre-hook per module whose input is read or written, one forward hook per module whose output is;
 each hands the value to the interleaver and returns the replacement if an intervention wrote one.
+
+The root module is the exception when the run calls it exactly once (a forward pass): its events are delivered
+around that call by :meth:`HookSet.call_root`, without hooks. A hooked module takes torch's slow call path, and
+``model.output`` is read by most traces, so this saves a hook and a slow call per trace.
 """
 
 from __future__ import annotations
@@ -13,19 +17,30 @@ import torch
 from raysight.graph.node import Location
 from raysight.runtime.interpreter import Interleaver
 
+ROOT_INPUT = ("", True)
+ROOT_OUTPUT = ("", False)
+
 
 class HookSet:
-    """Context manager: ``with HookSet(module_at, locations, interleaver): model(...)``."""
+    """Context manager: ``with HookSet(module_at, locations, interleaver) as hooks: model(...)``; with
+    ``direct_root=True`` the caller runs the root module through ``hooks.call_root``."""
 
     def __init__(
         self,
         module_at: Callable[[str], torch.nn.Module],
         locations: Iterable[Location],
         interleaver: Interleaver,
+        direct_root: bool = False,
     ) -> None:
-        self._keys = {(loc.path, loc.is_input) for loc in locations}
+        keys = {(loc.path, loc.key != "output") for loc in locations}
+        self._root_input = direct_root and ROOT_INPUT in keys
+        self._root_output = direct_root and ROOT_OUTPUT in keys
+        if direct_root:
+            keys.discard(ROOT_INPUT)
+            keys.discard(ROOT_OUTPUT)
+        self._keys = keys
         self._module_at = module_at
-        self._interleaver = interleaver
+        self._on_event = interleaver.on_event
         self._handles: list[Any] = []
 
     def __enter__(self) -> "HookSet":
@@ -50,9 +65,22 @@ class HookSet:
             handle.remove()
         self._handles.clear()
 
+    def call_root(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        """Call the root module as its hooks would see it: input event, forward, output event."""
+        if self._root_input:
+            event = self._on_event(ROOT_INPUT, (args, kwargs))
+            if event.modified:
+                args, kwargs = event.value
+        output = module(*args, **kwargs)
+        if self._root_output:
+            event = self._on_event(ROOT_OUTPUT, output)
+            if event.modified:
+                output = event.value
+        return output
+
     def _pre_hook(self, path: str) -> Callable:
         key = (path, True)
-        on_event = self._interleaver.on_event
+        on_event = self._on_event
 
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
             event = on_event(key, (args, kwargs))
@@ -62,10 +90,11 @@ class HookSet:
 
     def _post_hook(self, path: str) -> Callable:
         key = (path, False)
-        on_event = self._interleaver.on_event
+        on_event = self._on_event
 
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
             event = on_event(key, output)
             return event.value if event.modified else None
 
         return hook
+

@@ -42,6 +42,14 @@ logger = logging.getLogger(__name__)
 class Interleaver(Gradients, Loops):
     """Executes one graph against one forward pass; hooks call :meth:`on_event`."""
 
+    # Defaults live on the class (an interleaver is made per trace): only what differs is set per instance.
+    call_root: Optional[Callable] = None  # calls the root module with its events when no hook delivers them
+    deadline: Optional[float] = None  # time.monotonic() past which the run stops (Limits.max_seconds)
+    event: Optional[Event] = None  # the event being delivered now
+    finished = False  # the forward pass is over
+    executed = 0  # nodes run or skipped so far
+    _backwards: Optional[list[int]] = None
+
     def __init__(
         self,
         nodes: list[Node],
@@ -60,14 +68,11 @@ class Interleaver(Gradients, Loops):
             if missing > 0:  # copies of persistent edits
                 self.env.extend([UNSET] * missing)
                 self.remaining.extend(n.num_users for n in nodes[-missing:])
+            if parent.deadline is not None:
+                self.deadline = parent.deadline
         self.module_at = module_at
-        self.deadline: Optional[float] = parent.deadline if parent is not None else None  # time.monotonic()
         self.counts: dict[tuple, int] = {}
-        self.event: Optional[Event] = None
-        self.finished = False
-        self.executed = 0
         self.edit_start = len(nodes)  # nodes from this index on come from persistent edits and run first
-        self._backwards: Optional[list[int]] = None
         self.grad_overrides: dict[int, Any] = {}  # tensor node -> gradient set while its hook runs
         self.armed: list[tuple[Node, Stream]] = []  # gradient streams waiting for their backward pass
         self.streams: list[Stream] = []
@@ -181,26 +186,45 @@ class Interleaver(Gradients, Loops):
                 continue
             event = None
             if op is Op.READ or op is Op.WRITE:
-                call = node.target.call
+                target = node.target
+                call = target.call
                 if type(call) is Calls:
                     if step is None:
                         self._arm_region(node, body, stream)
                         continue
                     call = step
-                event = self._event_for(node, stream, call)
-                while event is None:
-                    if self.finished:
-                        break
-                    stream.waiting = node
-                    stream.wait_key = (node.target.path, node.target.is_input)
-                    yield
-                    event = self._event_for(node, stream, call)
-                if event is None:
-                    self._unreached(node, stream, call)
-                    continue
+                key = node.event_key
+                if key is None:
+                    key = node.event_key = (target.path, target.key != "output")
+                event = self.event
+                if event is None or event.call != call or event.key != key:
+                    event = self._event_for(node, stream, key, call)
+                    while event is None:
+                        if self.finished:
+                            break
+                        stream.waiting = node
+                        stream.wait_key = key
+                        yield
+                        event = self.event
+                        if event is None or event.call != call or event.key != key:
+                            event = self._event_for(node, stream, key, call)
+                    if event is None:
+                        self._unreached(node, stream, call)
+                        continue
                 stream.last_event = event
-                if op is Op.READ:
-                    stream.last_read = node.target
+                if op is Op.READ:  # inline: the most frequent node of all
+                    stream.last_read = target
+                    stream.waiting = stream.wait_key = None
+                    value = event.value
+                    try:
+                        if target.key != "output" and target.key != "inputs":
+                            value = _first_input(value)
+                        if stream.rows is not None:
+                            value = narrow(value, stream.rows)
+                    except Exception as exc:
+                        raise annotate(exc, node) from None
+                    self._set(node, value)
+                    continue
             elif op is Op.COND:
                 try:
                     taken = bool(self._load(node.args[0]))
@@ -252,12 +276,10 @@ class Interleaver(Gradients, Loops):
                 return False
         return True
 
-    def _event_for(self, node: Node, stream: Stream, call: int) -> Optional[Event]:
+    def _event_for(self, node: Node, stream: Stream, key: tuple, call: int) -> Optional[Event]:
+        """The event a read or write of ``node`` uses, or None while it has not happened yet (the current event
+        was checked by the caller)."""
         loc: Location = node.target
-        key = (loc.path, loc.is_input)
-        event = self.event
-        if event is not None and event.key == key and event.call == call:
-            return event
         if stream.pending is not None:
             event = stream.pending.pop((key, call), None)
             if event is not None:
@@ -321,7 +343,8 @@ class Interleaver(Gradients, Loops):
             self.env[node.index] = value
         else:
             self.env[node.index] = value if node.num_users else FREED
-        self._release(node)
+        if node.deps:
+            self._release(node)
 
     def _release(self, node: Node) -> None:
         env, remaining = self.env, self.remaining
@@ -371,7 +394,7 @@ class Interleaver(Gradients, Loops):
     def get_attr(self, node: Node, stream: Stream, event: Any) -> Any:
         return getattr(self.env[node.args[0].index], node.target)
 
-    def read(self, node: Node, stream: Stream, event: Event) -> Any:
+    def read(self, node: Node, stream: Stream, event: Event) -> Any:  # inlined in _run_body; kept for the op table
         return narrow(_select(event.value, node.target.key), stream.rows)
 
     def write(self, node: Node, stream: Stream, event: Event) -> None:
@@ -403,7 +426,11 @@ class Interleaver(Gradients, Loops):
         device = _device_of(module)
         if device is not None:
             args, kwargs = _to_device((args, kwargs), device)
-        return module(*args, **kwargs) if hook else module.forward(*args, **kwargs)
+        if not hook:
+            return module.forward(*args, **kwargs)
+        if not node.target and self.call_root is not None:  # the root's events come without hooks in this run
+            return self.call_root(module, args, kwargs)
+        return module(*args, **kwargs)
 
     def param(self, node: Node, stream: Stream, event: Any) -> Any:
         path, attr = node.target
@@ -436,6 +463,11 @@ _OPS = {
 def _select(value: Any, key: str) -> Any:
     if key == "output" or key == "inputs":
         return value
+    return _first_input(value)
+
+
+def _first_input(value: tuple) -> Any:
+    """``.input``: the first positional argument, else the first keyword argument."""
     args, kwargs = value
     if args:
         return args[0]

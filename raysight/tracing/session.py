@@ -15,7 +15,7 @@ from raysight.backends.base import Request, current_default
 from raysight.errors import TraceError
 from raysight.graph.graph import Graph
 from raysight.graph.node import Node, Op, user_source
-from raysight.graph.proxy import _CURRENT, Proxy, current_recorder
+from raysight.graph.proxy import _CURRENT, Proxy, current_recorder, set_value
 from raysight.tracing import creation
 from raysight.tracing.tracer import Block, Tracer
 
@@ -34,9 +34,12 @@ class Session:
 
     # -- the recorder protocol (shared with Tracer) ---------------------------------------------------------
     record = Tracer.record
+    record_access = Tracer.record_access
     _to_arg = Tracer._to_arg
     _mode = None
+    _calls: dict = {}  # never written: .next() positions belong to traces
     model = None
+    root_module = None
 
     def mark_saved(self, proxy: Proxy) -> None:
         proxy.node.saved = True
@@ -101,7 +104,7 @@ class Session:
         for proxy in self._saved:
             index = proxy.node.index
             if index in results:
-                object.__setattr__(proxy, "_value", results[index])
+                set_value(proxy, results[index])
         self._saved = []
         return False
 

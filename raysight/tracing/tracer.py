@@ -15,8 +15,8 @@ import torch
 from raysight.backends.base import InvokeInputs, Request, current_default
 from raysight.errors import TraceError
 from raysight.graph.graph import Graph
-from raysight.graph.node import Calls, Node, Op, user_source
-from raysight.graph.proxy import _CURRENT, Proxy, current_recorder, value_of
+from raysight.graph.node import Calls, Location, Node, Op, _new_tuple, user_source
+from raysight.graph.proxy import _CURRENT, Proxy, current_recorder, set_value, value_of
 from raysight.tracing import creation
 from raysight.tracing import scan as scan_mod
 from raysight.tracing.calls import CallScope, parse_calls
@@ -27,6 +27,17 @@ if TYPE_CHECKING:
 
 class Tracer:
     """``with model.trace(*inputs, **forward_kwargs) as tracer:`` — records interventions, runs them on exit."""
+
+    # Defaults live on the class: a tracer is made per trace, so only what differs is set per instance.
+    recording = False
+    root_module: Any = None  # while recording: the module whose envoys record here
+    _invoker: Optional["Invoker"] = None
+    _implicit: Optional["Invoker"] = None
+    _scopes = 0
+    _token: Any = None
+    _mode: Any = None  # the FakeTensorMode of scans, created on first use
+    _full_scan: Any = None
+    _session: Any = None
 
     def __init__(
         self,
@@ -43,32 +54,38 @@ class Tracer:
     ) -> None:
         self.model = model
         self.graph = Graph()
-        self.recording = False
         self.invokes: list[InvokeInputs] = []
         self._inputs = inputs
         self._invoker_kwargs = invoker_kwargs or {}
         self._forward_kwargs = forward_kwargs or {}
         self._backend = backend
         self._method = method
-        self._invoker: Optional[Invoker] = None
-        self._implicit: Optional[Invoker] = None
         self._saved: list[Proxy] = []
         self._calls: dict[str, Union[int, Calls]] = {}
-        self._scopes = 0
-        self._token: Any = None
         self._scan = scan or validate
         self._validate = validate
         self._execute = execute
-        self._mode: Any = None  # the FakeTensorMode of scans, created on first use
         self._meta: dict[int, Any] = {}
-        self._full_scan: Any = None
-        self._session: Any = None
 
     # -- the recorder protocol ------------------------------------------------------------------------------
     def record(self, op: Op, target: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Proxy:
         graph = self.graph
         node = graph.add(op, target, self._to_arg(args) if args else (), self._to_arg(kwargs) if kwargs else None,
                          user_source(1))  # fmt: skip
+        if self._mode is not None:
+            self._record_meta(node)
+        return Proxy(node, self)
+
+    def record_access(self, op: Op, path: str, key: str, args: tuple = ()) -> Proxy:
+        """Record a READ or WRITE of a module's ``key`` ("output", "input", "inputs"). The hot path of tracing, so
+        what ``location()`` and ``Graph.add`` do is written out here."""
+        calls = self._calls
+        graph = self.graph
+        nodes = graph.nodes
+        node = Node(len(nodes), op, _new_tuple(Location, (path, key, calls.get(path, 0) if calls else 0)),
+                    self._to_arg(args) if args else (), None, None, user_source(2))  # fmt: skip
+        nodes.append(node)
+        graph._stack[-1].append(node)
         if self._mode is not None:
             self._record_meta(node)
         return Proxy(node, self)
@@ -124,7 +141,7 @@ class Tracer:
         return self._full_scan
 
     def mark_saved(self, proxy: Proxy) -> None:
-        node = proxy.node
+        node = proxy._node or proxy.node  # (an attribute proxy makes its node on first use)
         node.saved = True
         self._saved.append(proxy)
 
@@ -235,6 +252,7 @@ class Tracer:
         self._depth = self.graph.depth  # invokes open at this depth
         if "einops" in sys.modules and "raysight.tracing.einops_backend" not in sys.modules:
             import raysight.tracing.einops_backend  # noqa: F401 - defining the backend registers it with einops
+        self.root_module = self.model._module  # envoys of this module (or an edited copy of it) record here
         self._token = _CURRENT.set(self)
         self.recording = True
         creation.enable()
@@ -316,7 +334,7 @@ class Tracer:
         for proxy in self._saved:
             index = proxy.node.index
             if index in results:
-                object.__setattr__(proxy, "_value", results[index])
+                set_value(proxy, results[index])
         self._saved = []  # proxies point at the tracer: drop the way back so no cycle keeps values alive
 
     def __repr__(self) -> str:
