@@ -44,14 +44,14 @@ class HookSet:
         self._handles: list[Any] = []
 
     def __enter__(self) -> "HookSet":
+        module_at, on_event, handles = self._module_at, self._on_event, self._handles
         try:
-            for path, is_input in self._keys:
-                module = self._module_at(path)
-                if is_input:
-                    handle = module.register_forward_pre_hook(self._pre_hook(path), with_kwargs=True)
+            for key in self._keys:
+                module = module_at(key[0])
+                if key[1]:
+                    handles.append(module.register_forward_pre_hook(_pre_hook(key, on_event), with_kwargs=True))
                 else:
-                    handle = module.register_forward_hook(self._post_hook(path))
-                self._handles.append(handle)
+                    handles.append(module.register_forward_hook(_post_hook(key, on_event)))
         except BaseException:
             self.remove()
             raise
@@ -78,23 +78,18 @@ class HookSet:
                 output = event.value
         return output
 
-    def _pre_hook(self, path: str) -> Callable:
-        key = (path, True)
-        on_event = self._on_event
 
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-            event = on_event(key, (args, kwargs))
-            return event.value if event.modified else None
+def _pre_hook(key: tuple, on_event: Callable) -> Callable:
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        event = on_event(key, (args, kwargs))
+        return event.value if event.modified else None
 
-        return hook
+    return hook
 
-    def _post_hook(self, path: str) -> Callable:
-        key = (path, False)
-        on_event = self._on_event
 
-        def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
-            event = on_event(key, output)
-            return event.value if event.modified else None
+def _post_hook(key: tuple, on_event: Callable) -> Callable:
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        event = on_event(key, output)
+        return event.value if event.modified else None
 
-        return hook
-
+    return hook

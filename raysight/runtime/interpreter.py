@@ -87,14 +87,16 @@ class Interleaver(Gradients, Loops):
         self._advance()
 
     def on_event(self, key: tuple, value: Any) -> Event:
-        call = self.counts.get(key, 0)
-        self.counts[key] = call + 1
+        """A module's input or output (``key``: (path, is_input)) is here: run what can use it."""
+        counts = self.counts
+        call = counts.get(key, 0)
+        counts[key] = call + 1
         event = Event(key, call, value)
-        outer, self.event = self.event, event
         streams = self.streams
-        if len(streams) == 1 and outer is None:  # the common case: one stream, no reentrant call in flight
+        if self.event is None and len(streams) == 1:  # the common case: one stream, no reentrant call in flight
             stream = streams[0]
-            if not stream.done and stream.wait_key == key:
+            if stream.wait_key == key and not stream.done:
+                self.event = event
                 try:
                     next(stream.gen)
                 except StopIteration:
@@ -103,7 +105,13 @@ class Interleaver(Gradients, Loops):
                     self.event = None
                 if len(streams) == 1 and (stream.done or stream.wait_key is not None):
                     return event  # nothing else can have become runnable
-                self.event = event
+        self._deliver(event)
+        return event
+
+    def _deliver(self, event: Event) -> None:
+        """The general case of :meth:`on_event`: several streams, reentrant calls, events nobody waits for yet."""
+        key, call = event.key, event.call
+        outer, self.event = self.event, event
         try:
             for stream in self.streams:
                 if not stream.done and stream.gen.gi_running:  # reentrant: an ad-hoc module call with hook=True
@@ -121,7 +129,6 @@ class Interleaver(Gradients, Loops):
                     stream.missed[(key, call)] = event
         finally:
             self.event = outer
-        return event
 
     def finish(self) -> None:
         """After the forward pass: run what is left. Reads of modules that never fired are skipped, and reads
@@ -223,7 +230,15 @@ class Interleaver(Gradients, Loops):
                             value = narrow(value, stream.rows)
                     except Exception as exc:
                         raise annotate(exc, node) from None
-                    self._set(node, value)
+                    self.executed += 1  # what _set does, for a node without arguments
+                    if self.deadline is not None:
+                        self._check_deadline(node)
+                    if node.saved:
+                        self.saved_values[node.index] = self.env[node.index] = value
+                    else:
+                        self.env[node.index] = value if node.num_users else FREED
+                    if node.deps:
+                        self._release(node)
                     continue
             elif op is Op.COND:
                 try:
@@ -335,9 +350,8 @@ class Interleaver(Gradients, Loops):
     # -- values ---------------------------------------------------------------------------------------------
     def _set(self, node: Node, value: Any) -> None:
         self.executed += 1
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise annotate(TimeLimitError("the run went past its time limit (Limits.max_seconds); it was stopped "
-                                          "after this node"), node)  # fmt: skip
+        if self.deadline is not None:
+            self._check_deadline(node)
         if node.saved:
             self.saved_values[node.index] = value
             self.env[node.index] = value
@@ -345,6 +359,11 @@ class Interleaver(Gradients, Loops):
             self.env[node.index] = value if node.num_users else FREED
         if node.deps:
             self._release(node)
+
+    def _check_deadline(self, node: Node) -> None:
+        if time.monotonic() > self.deadline:
+            raise annotate(TimeLimitError("the run went past its time limit (Limits.max_seconds); it was stopped "
+                                          "after this node"), node)  # fmt: skip
 
     def _release(self, node: Node) -> None:
         env, remaining = self.env, self.remaining
