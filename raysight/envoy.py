@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from raysight.errors import TraceError
-from raysight.graph.node import Op
+from raysight.graph.node import CALL_MODULE, PARAM, READ, WRITE
 from raysight.graph.proxy import _CURRENT, Proxy, current_recorder
 
 
@@ -33,13 +33,13 @@ class _ModuleValue:
         rec = _CURRENT.get()
         if rec is None or not rec.recording or rec.root_module is not envoy._root._module:
             rec = envoy._recorder(self.key)  # raises the error that says what is wrong, or allows a session
-        return rec.record_access(Op.READ, envoy._path, self.key)
+        return rec.record_access(READ, envoy._path, self.key)
 
     def __set__(self, envoy: "Envoy", value: Any) -> None:
         rec = _CURRENT.get()
         if rec is None or not rec.recording or rec.root_module is not envoy._root._module:
             rec = envoy._recorder(self.key)
-        rec.record_access(Op.WRITE, envoy._path, self.key, (value,))
+        rec.record_access(WRITE, envoy._path, self.key, (value,))
 
 
 class Envoy:
@@ -152,7 +152,7 @@ class Envoy:
         self._recorder("__call__")
         if hook:
             kwargs["hook"] = True
-        return rec.record(Op.CALL_MODULE, self._path, args, kwargs)
+        return rec.record(CALL_MODULE, self._path, args, kwargs)
 
     # -- attributes -----------------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -171,7 +171,7 @@ class Envoy:
             rec = current_recorder()
             model = getattr(rec, "model", None) if rec is not None and rec.recording else None
             if model is not None and model._module is self._root._module:
-                return rec.record(Op.PARAM, (self._path, name))
+                return rec.record(PARAM, (self._path, name))
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Optional
 
-from raysight.graph.node import Location, Node, Op, SourceLine
+from raysight.graph.node import READ, WRITE, Location, Node, Op, SourceLine
 
 
 class Graph:
@@ -66,7 +66,7 @@ class Graph:
 
     def locations(self) -> set[Location]:
         """The module locations the graph reads or writes (the hooks a run needs)."""
-        return {n.target for n in self.nodes if n.op is Op.READ or n.op is Op.WRITE}
+        return {n.target for n in self.nodes if n.op is READ or n.op is WRITE}
 
     @property
     def saved(self) -> list[Node]:

@@ -37,6 +37,25 @@ class Op(str, enum.Enum):
     ITER = "iter"  # args[0]: a collection; body: run once per element, the node's value being the element
 
 
+# The members as module-level names, for the hot loops of recording and running: attribute access on an Enum class
+# goes through EnumType.__getattr__'s slot and costs ~4x a global lookup, and the interpreter tests every node's op.
+CALL_FUNCTION = Op.CALL_FUNCTION
+CALL_METHOD = Op.CALL_METHOD
+GET_ATTR = Op.GET_ATTR
+READ = Op.READ
+WRITE = Op.WRITE
+CALL_MODULE = Op.CALL_MODULE
+PARAM = Op.PARAM
+GRAD = Op.GRAD
+SET_GRAD = Op.SET_GRAD
+COND = Op.COND
+INVOKE = Op.INVOKE
+STOP = Op.STOP
+LOG = Op.LOG
+TRACE = Op.TRACE
+ITER = Op.ITER
+
+
 @dataclass(frozen=True)
 class Calls:
     """Several calls of a module (``.all()``, ``.iter[...]``): the nodes that depend on such a read run once per

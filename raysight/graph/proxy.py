@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from typing import Any, Optional, Protocol
 
 from raysight.errors import TraceError
-from raysight.graph.node import Node, Op
+from raysight.graph.node import CALL_FUNCTION, CALL_METHOD, GET_ATTR, GRAD, SET_GRAD, STOP, Node, Op
 
 
 class _Unset:
@@ -125,7 +125,7 @@ class Proxy:
     def stop(self) -> None:
         """End the forward pass as soon as this value has been computed."""
         rec = _require_recording("stop()")
-        rec.record(Op.STOP, None, (self,))
+        rec.record(STOP, None, (self,))
 
     # -- recording or acting on the value --------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -135,7 +135,7 @@ class Proxy:
         if rec is None:
             return getattr(self.value, name)
         if name == "grad":
-            return rec.record(Op.GRAD, None, (self,))
+            return rec.record(GRAD, None, (self,))
         if name in _CONCRETE:
             meta = _meta(rec, self)
             if meta is not None:
@@ -147,15 +147,15 @@ class Proxy:
         if rec is None:
             setattr(self.value, name, value_of(value))
         elif name == "grad":
-            rec.record(Op.SET_GRAD, None, (self, value))
+            rec.record(SET_GRAD, None, (self, value))
         else:
-            rec.record(Op.CALL_FUNCTION, setattr, (self, name, value))
+            rec.record(CALL_FUNCTION, setattr, (self, name, value))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         rec = _recording()
         if rec is None:
             return self.value(*value_of(args), **value_of(kwargs))
-        return rec.record(Op.CALL_FUNCTION, _call, (self, *args), kwargs)
+        return rec.record(CALL_FUNCTION, _call, (self, *args), kwargs)
 
     def __getitem__(self, key: Any) -> Any:
         return _apply(operator.getitem, self, key)
@@ -169,7 +169,7 @@ class Proxy:
         rec = _recording()
         if rec is None:
             return func(*value_of(args), **value_of(kwargs))
-        return rec.record(Op.CALL_FUNCTION, func, args, kwargs)
+        return rec.record(CALL_FUNCTION, func, args, kwargs)
 
     # -- what cannot be recorded ----------------------------------------------------------------------------
     def __bool__(self) -> bool:
@@ -289,7 +289,7 @@ class _AttrProxy(Proxy):
     def node(self) -> Node:
         node = self._node
         if node is None:
-            node = self._recorder.record(Op.GET_ATTR, self._attr, (self._obj,)).node
+            node = self._recorder.record(GET_ATTR, self._attr, (self._obj,)).node
             _set_node(self, node)
         return node
 
@@ -298,8 +298,8 @@ class _AttrProxy(Proxy):
         if rec is None:
             return getattr(self._obj.value, self._attr)(*value_of(args), **value_of(kwargs))
         if self._node is not None:  # the attribute was used as a value already: call that value
-            return rec.record(Op.CALL_FUNCTION, _call, (self, *args), kwargs)
-        return rec.record(Op.CALL_METHOD, self._attr, (self._obj, *args), kwargs)
+            return rec.record(CALL_FUNCTION, _call, (self, *args), kwargs)
+        return rec.record(CALL_METHOD, self._attr, (self._obj, *args), kwargs)
 
 
 _CONCRETE = frozenset({"shape", "dtype", "device", "ndim"})
@@ -336,7 +336,7 @@ def _apply(fn: Any, *args: Any) -> Any:
     rec = _recording()
     if rec is None:
         return fn(*value_of(args))
-    return rec.record(Op.CALL_FUNCTION, fn, args)
+    return rec.record(CALL_FUNCTION, fn, args)
 
 
 def _binary(fn: Any) -> Any:

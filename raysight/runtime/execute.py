@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from raysight.graph.graph import Graph
-from raysight.graph.node import Node, Op
+from raysight.graph.node import INVOKE, READ, WRITE, Node
 from raysight.graph.passes import EDIT_INVOKE, copy_edits
 from raysight.runtime.batching import Rows
 from raysight.runtime.hooks import HookSet
@@ -45,7 +45,7 @@ def run_trace(
     if forward_kwargs:
         kwargs = {**kwargs, **forward_kwargs}
     if locations is None or model._edits:
-        locations = {n.target for n in _walk(body) if n.op is Op.READ or n.op is Op.WRITE}
+        locations = {n.target for n in _walk(body) if n.op is READ or n.op is WRITE}
     direct_root = method == "forward"  # the root runs once: its events come around that call, not from hooks
     with HookSet(model._module_at, locations, interleaver, direct_root) as hooks:
         if direct_root:
@@ -80,15 +80,15 @@ def run_session(graph: Graph, deadline: Optional[float] = None) -> dict[int, Any
 
 
 def _streams(body: list, invokes: list) -> list[tuple[list, Optional[Rows], str]]:
-    if len(body) == 1 and len(invokes) == 1 and body[0].op is Op.INVOKE:  # the common `model.trace(x)`
+    if len(body) == 1 and len(invokes) == 1 and body[0].op is INVOKE:  # the common `model.trace(x)`
         return [(body[0].body, None, "invoke 0")]
     sizes = [inv.batch_size for inv in invokes]
     total = sum(sizes)
     streams: list[tuple[list, Optional[Rows], str]] = []
     for node in body:
-        if node.op is Op.INVOKE and node.target == EDIT_INVOKE:
+        if node.op is INVOKE and node.target == EDIT_INVOKE:
             streams.append((node.body, None, "an edit of the model"))
-        elif node.op is Op.INVOKE:
+        elif node.op is INVOKE:
             i = node.target
             whole = sizes[i] == total or sizes[i] == 0  # an invoke without input sees the whole batch
             rows = None if whole else Rows(sum(sizes[:i]), sizes[i], total)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from raysight.graph.node import Node, Op
+from raysight.graph.node import CALL_FUNCTION, CALL_METHOD, Node
 from raysight.errors import InterventionError
 from raysight.runtime.state import Stream, annotate, same_view
 
@@ -107,8 +107,8 @@ class Gradients:
             self._backwards = [
                 n.index
                 for n in self.nodes
-                if (n.op is Op.CALL_METHOD and n.target == "backward")
-                or (n.op is Op.CALL_FUNCTION and n.target is torch.autograd.backward)
+                if (n.op is CALL_METHOD and n.target == "backward")
+                or (n.op is CALL_FUNCTION and n.target is torch.autograd.backward)
             ]
         if node.index >= self.edit_start:
             return any(i < self.edit_start or i > node.index for i in self._backwards)

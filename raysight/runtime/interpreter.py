@@ -19,7 +19,27 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from raysight.errors import InterventionError, MissedProviderError, OutOfOrderError, TimeLimitError
-from raysight.graph.node import Calls, Location, Node, Op, map_nodes
+from raysight.graph.node import (
+    CALL_FUNCTION,
+    CALL_METHOD,
+    CALL_MODULE,
+    COND,
+    GET_ATTR,
+    GRAD,
+    INVOKE,
+    ITER,
+    LOG,
+    PARAM,
+    READ,
+    SET_GRAD,
+    STOP,
+    TRACE,
+    WRITE,
+    Calls,
+    Location,
+    map_nodes,
+    Node,
+)
 from raysight.runtime.batching import Rows, narrow, replace_rows
 from raysight.runtime.gradients import Gradients
 from raysight.runtime.loops import Loops
@@ -180,7 +200,7 @@ class Interleaver(Gradients, Loops):
             if node.index in stream.moved:  # rebound (not mutated) when nodes move out: read it each time
                 continue
             op = node.op
-            if op is Op.INVOKE:
+            if op is INVOKE:
                 continue  # its body is a stream of its own
             ready = self._deps_ready(node) if node.deps else True
             while ready is None:
@@ -192,7 +212,7 @@ class Interleaver(Gradients, Loops):
                 self._skip(node)
                 continue
             event = None
-            if op is Op.READ or op is Op.WRITE:
+            if op is READ or op is WRITE:
                 target = node.target
                 call = target.call
                 if type(call) is Calls:
@@ -219,7 +239,7 @@ class Interleaver(Gradients, Loops):
                         self._unreached(node, stream, call)
                         continue
                 stream.last_event = event
-                if op is Op.READ:  # inline: the most frequent node of all
+                if op is READ:  # inline: the most frequent node of all
                     stream.last_read = target
                     stream.waiting = stream.wait_key = None
                     value = event.value
@@ -240,7 +260,7 @@ class Interleaver(Gradients, Loops):
                     if node.deps:
                         self._release(node)
                     continue
-            elif op is Op.COND:
+            elif op is COND:
                 try:
                     taken = bool(self._load(node.args[0]))
                 except Exception as exc:
@@ -253,22 +273,22 @@ class Interleaver(Gradients, Loops):
                     for inner in node.body:
                         self._skip(inner)
                 continue
-            elif op is Op.TRACE:
+            elif op is TRACE:
                 self._run_trace(node)
                 self._set(node, None)
                 continue
-            elif op is Op.ITER:
+            elif op is ITER:
                 yield from self._run_loop(node, stream)
                 continue
-            elif op is Op.STOP and node.target == "session":
+            elif op is STOP and node.target == "session":
                 raise StopLoop()
-            elif op is Op.STOP:
+            elif op is STOP:
                 while not self._stop_barrier(node, stream):
                     stream.waiting = node
                     stream.wait_key = None
                     yield
                 raise EarlyStop()
-            elif op is Op.GRAD:
+            elif op is GRAD:
                 self._arm_grad(node, body, stream)
                 continue
             stream.waiting = stream.wait_key = None
@@ -300,7 +320,7 @@ class Interleaver(Gradients, Loops):
             if event is not None:
                 return event
         if self.finished and stream.missed is not None and (key, call) in stream.missed:
-            if node.op is Op.WRITE:
+            if node.op is WRITE:
                 raise annotate(
                     OutOfOrderError(
                         f"{loc} cannot be written in {stream.label}: the forward pass is over, because a read before "
@@ -467,15 +487,15 @@ class Interleaver(Gradients, Loops):
         return None
 
 _OPS = {
-    Op.CALL_FUNCTION: Interleaver.call_function,
-    Op.CALL_METHOD: Interleaver.call_method,
-    Op.GET_ATTR: Interleaver.get_attr,
-    Op.READ: Interleaver.read,
-    Op.WRITE: Interleaver.write,
-    Op.CALL_MODULE: Interleaver.call_module,
-    Op.PARAM: Interleaver.param,
-    Op.SET_GRAD: Interleaver.set_grad,
-    Op.LOG: Interleaver.log,
+    CALL_FUNCTION: Interleaver.call_function,
+    CALL_METHOD: Interleaver.call_method,
+    GET_ATTR: Interleaver.get_attr,
+    READ: Interleaver.read,
+    WRITE: Interleaver.write,
+    CALL_MODULE: Interleaver.call_module,
+    PARAM: Interleaver.param,
+    SET_GRAD: Interleaver.set_grad,
+    LOG: Interleaver.log,
 }  # one interpreter method per op (COND, INVOKE, STOP and GRAD are handled by the stream itself)
 
 

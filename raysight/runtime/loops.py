@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from raysight.graph.node import Calls, Node, Op
+from raysight.graph.node import READ, WRITE, Calls, Node
 from raysight.runtime.state import FREED, SKIPPED, UNSET, RegionEnd, StopLoop, Stream, annotate, walk
 
 
@@ -74,7 +74,7 @@ class Loops:
         for node in body[body.index(first) :]:
             if node.index in stream.moved:
                 continue
-            loc = node.target if node.op is Op.READ or node.op is Op.WRITE else None
+            loc = node.target if node.op is READ or node.op is WRITE else None
             in_scope = loc is not None and type(loc.call) is Calls and loc.call.scope == calls.scope
             if in_scope or any(d.index in members for d in node.deps):
                 members.add(node.index)

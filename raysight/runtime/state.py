@@ -6,7 +6,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from raysight.graph.node import Location, Node, Op
+from raysight.graph.node import INVOKE, READ, WRITE, Location, Node
 from raysight.runtime.batching import Rows
 
 class _Sentinel:
@@ -76,12 +76,12 @@ class Stream:
             stack = list(self.body)
             while stack:
                 node = stack.pop()
-                if node.op is Op.READ or node.op is Op.WRITE:
+                if node.op is READ or node.op is WRITE:
                     loc = node.target
                     if type(loc.call) is int:
                         want = ((loc.path, loc.is_input), loc.call)
                         wants[want] = max(wants.get(want, -1), node.index)
-                elif node.body is not None and node.op is not Op.INVOKE:
+                elif node.body is not None and node.op is not INVOKE:
                     stack.extend(node.body)
             self.wants = wants
         return self.wants

@@ -9,7 +9,7 @@ import builtins
 from typing import Any
 
 from raysight.errors import TraceError
-from raysight.graph.node import Op
+from raysight.graph.node import CALL_FUNCTION, COND, LOG, STOP
 from raysight.graph.proxy import Proxy, current_recorder
 
 
@@ -25,17 +25,17 @@ def apply(fn: Any, *args: Any, **kwargs: Any) -> Any:
     rec = current_recorder()
     if rec is None or not rec.recording:
         return fn(*args, **kwargs)
-    return rec.record(Op.CALL_FUNCTION, fn, args, kwargs)
+    return rec.record(CALL_FUNCTION, fn, args, kwargs)
 
 
 def log(*values: Any, **print_kwargs: Any) -> None:
     """Print the real values when the graph runs."""
-    _recording("log()").record(Op.LOG, None, values, print_kwargs)
+    _recording("log()").record(LOG, None, values, print_kwargs)
 
 
 def stop() -> None:
     """End the forward pass once everything recorded before this line has run."""
-    _recording("stop()").record(Op.STOP, None)
+    _recording("stop()").record(STOP, None)
 
 
 def cond(predicate: Any) -> Any:
@@ -43,7 +43,7 @@ def cond(predicate: Any) -> Any:
     from raysight.tracing.tracer import Block
 
     rec = _recording("cond()")
-    return Block(rec, rec.record(Op.COND, None, (predicate,)).node)
+    return Block(rec, rec.record(COND, None, (predicate,)).node)
 
 
 def _builtin(kind: type) -> Any:
@@ -51,7 +51,7 @@ def _builtin(kind: type) -> Any:
         rec = current_recorder()
         if rec is None or not rec.recording:
             return kind(*args, **kwargs)
-        return rec.record(Op.CALL_FUNCTION, kind, args, kwargs)
+        return rec.record(CALL_FUNCTION, kind, args, kwargs)
 
     make.__name__ = make.__qualname__ = kind.__name__
     make.__doc__ = f"``raysight.{kind.__name__}(...)``: ``{kind.__name__}(...)`` as a node inside a trace."

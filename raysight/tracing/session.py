@@ -14,7 +14,7 @@ from typing import Any
 from raysight.backends.base import Request, current_default
 from raysight.errors import TraceError
 from raysight.graph.graph import Graph
-from raysight.graph.node import Node, Op, user_source
+from raysight.graph.node import CALL_FUNCTION, COND, ITER, LOG, STOP, Node, user_source
 from raysight.graph.proxy import _CURRENT, Proxy, current_recorder, set_value
 from raysight.tracing import creation
 from raysight.tracing.tracer import Block, Tracer
@@ -57,26 +57,26 @@ class Session:
                 f"session.iter() needs a collection with a length (list, tuple, tensor, DataLoader, raysight.list()), "
                 f"got {type(collection).__name__}; wrap a generator in list(...)"
             )
-        node = self.graph.add(Op.ITER, None, self._to_arg((collection,)), None, user_source(1))
+        node = self.graph.add(ITER, None, self._to_arg((collection,)), None, user_source(1))
         return Loop(self, node, return_context)
 
     def cond(self, predicate: Any) -> Block:
         """``with session.cond(pred):`` runs its body (traces or plain operations) only if ``pred`` is true."""
-        return Block(self, self.record(Op.COND, None, (predicate,)).node)
+        return Block(self, self.record(COND, None, (predicate,)).node)
 
     def stop(self) -> None:
         """End the session here; inside a ``session.iter`` body, end that loop only."""
-        self.record(Op.STOP, "session")
+        self.record(STOP, "session")
 
     exit = stop
 
     def log(self, *values: Any, **print_kwargs: Any) -> None:
         """Print the real values when the session runs."""
-        self.record(Op.LOG, None, values, print_kwargs)
+        self.record(LOG, None, values, print_kwargs)
 
     def apply(self, fn: Any, *args: Any, **kwargs: Any) -> Proxy:
         """Call ``fn(*args, **kwargs)`` as one node when the session runs."""
-        return self.record(Op.CALL_FUNCTION, fn, args, kwargs)
+        return self.record(CALL_FUNCTION, fn, args, kwargs)
 
     # -- context --------------------------------------------------------------------------------------------
     def __enter__(self) -> "Session":
@@ -125,15 +125,15 @@ class Loop(Block):
         return (item, self) if self._return_context else item
 
     def cond(self, predicate: Any) -> Block:
-        return Block(self.recorder, self.recorder.record(Op.COND, None, (predicate,)).node)
+        return Block(self.recorder, self.recorder.record(COND, None, (predicate,)).node)
 
     def stop(self) -> None:
         """End this loop when reached."""
-        self.recorder.record(Op.STOP, "session")
+        self.recorder.record(STOP, "session")
 
     exit = stop
 
     def log(self, *values: Any, **print_kwargs: Any) -> None:
-        self.recorder.record(Op.LOG, None, values, print_kwargs)
+        self.recorder.record(LOG, None, values, print_kwargs)
 
 

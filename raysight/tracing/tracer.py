@@ -15,7 +15,24 @@ import torch
 from raysight.backends.base import InvokeInputs, Request, current_default
 from raysight.errors import TraceError
 from raysight.graph.graph import Graph
-from raysight.graph.node import Calls, Location, Node, Op, _new_tuple, user_source
+from raysight.graph.node import (
+    CALL_FUNCTION,
+    CALL_METHOD,
+    COND,
+    GET_ATTR,
+    INVOKE,
+    LOG,
+    READ,
+    STOP,
+    TRACE,
+    WRITE,
+    _new_tuple,
+    Calls,
+    Location,
+    Node,
+    Op,
+    user_source,
+)
 from raysight.graph.proxy import _CURRENT, Proxy, current_recorder, set_value, value_of
 from raysight.tracing import creation
 from raysight.tracing import scan as scan_mod
@@ -114,10 +131,10 @@ class Tracer:
         meta = self._meta
         lookup = lambda n: meta.get(n.index, scan_mod.NO_META)  # noqa: E731
         try:
-            if node.op is Op.READ:
+            if node.op is READ:
                 scan = self._invoker.scan if self._invoker is not None else self._batch_scan()
                 value = scan.value_at(node.target) if scan is not None else scan_mod.NO_META
-            elif node.op is Op.WRITE:
+            elif node.op is WRITE:
                 if self._validate:
                     scan = self._invoker.scan if self._invoker is not None else self._batch_scan()
                     current = scan.value_at(node.target) if scan is not None else scan_mod.NO_META
@@ -218,19 +235,19 @@ class Tracer:
 
     def cond(self, predicate: Any) -> "Block":
         """``with tracer.cond(pred):`` runs its body only if ``pred`` is true when the graph runs."""
-        return Block(self, self.record(Op.COND, None, (predicate,)).node)
+        return Block(self, self.record(COND, None, (predicate,)).node)
 
     def stop(self) -> None:
         """End the forward pass once every intervention recorded before this line has run."""
-        self.record(Op.STOP, None)
+        self.record(STOP, None)
 
     def log(self, *values: Any, **print_kwargs: Any) -> None:
         """Print the real values when the graph runs."""
-        self.record(Op.LOG, None, values, print_kwargs)
+        self.record(LOG, None, values, print_kwargs)
 
     def apply(self, fn: Any, *args: Any, **kwargs: Any) -> Proxy:
         """Call ``fn(*args, **kwargs)`` as one node when the graph runs."""
-        return self.record(Op.CALL_FUNCTION, fn, args, kwargs)
+        return self.record(CALL_FUNCTION, fn, args, kwargs)
 
     # -- context --------------------------------------------------------------------------------------------
     def __enter__(self) -> "Tracer":
@@ -247,7 +264,7 @@ class Tracer:
             self._session = active  # record into the session's graph, inside a TRACE node
             self.graph = active.graph
             spec = TraceSpec(self.model, self.invokes, self._forward_kwargs, self._method)
-            self._trace_node = self.graph.add(Op.TRACE, spec, source=user_source(1))
+            self._trace_node = self.graph.add(TRACE, spec, source=user_source(1))
             self.graph.enter(self._trace_node)
         self._depth = self.graph.depth  # invokes open at this depth
         if "einops" in sys.modules and "raysight.tracing.einops_backend" not in sys.modules:
@@ -303,7 +320,7 @@ class Tracer:
         while stack:
             node = stack.pop()
             if node.index in inside and node.index not in needed:
-                if node.op is not Op.CALL_FUNCTION and node.op is not Op.CALL_METHOD and node.op is not Op.GET_ATTR:
+                if node.op is not CALL_FUNCTION and node.op is not CALL_METHOD and node.op is not GET_ATTR:
                     raise TraceError(
                         f"an invoke's input depends on {node.format()} of the same trace; compute trace inputs from "
                         "earlier traces of the session, before the trace opens"
@@ -439,7 +456,7 @@ class Invoker:
         tracer._full_scan = None
         self.index = len(tracer.invokes)
         tracer.invokes.append(InvokeInputs(args, kwargs, batch_size))
-        node = tracer.graph.add(Op.INVOKE, self.index)
+        node = tracer.graph.add(INVOKE, self.index)
         tracer.graph.enter(node)
         tracer._invoker = self
         self._outer_calls, tracer._calls = tracer._calls, {}  # .next() positions start afresh in each invoke
