@@ -53,6 +53,7 @@ class Envoy:
         d["_path"] = path
         d["_root"] = root if root is not None else self
         d["_children"] = {}
+        d["_index"] = []  # the children in order, for `envoy[i]`
         d["_subtree"] = None
         d["_root"]._register(path, self)
         for name, child in module.named_children():
@@ -65,6 +66,10 @@ class Envoy:
     def _add_child(self, name: str, module: torch.nn.Module) -> "Envoy":
         path = f"{self._path}.{name}" if self._path else name
         child = Envoy(module, path, self._root)
+        if name in self._children:
+            self._index[self._index.index(self._children[name])] = child
+        else:
+            self._index.append(child)
         self._children[name] = child
         attr = name + "_" if hasattr(type(self), name) else name
         self.__dict__[attr] = child
@@ -191,11 +196,10 @@ class Envoy:
     # -- containers -----------------------------------------------------------------------------------------
     def __getitem__(self, key: Any) -> Any:
         if type(key) is int:  # the common case, `model.layers[i]`
-            index = self.__dict__.get("_index")
-            if index is None or len(index) != len(self._children):
-                index = self.__dict__["_index"] = list(self._children.values())
-            if -len(index) <= key < len(index):
-                return index[key]
+            try:
+                return self._index[key]
+            except IndexError:
+                pass
         children = list(self._children.values())
         if isinstance(key, slice):
             return children[key]

@@ -126,7 +126,7 @@ _INTERNAL = tuple(
 ) + (os.path.join(os.path.dirname(os.__file__), "contextlib.py"),)
 
 
-_internal_code: dict[Any, bool] = {}
+_internal_files: dict[str, bool] = {}  # by file name: a str caches its hash, a code object does not
 _new_tuple = tuple.__new__  # builds a named tuple without its Python-level __new__ (recording's hot path)
 
 
@@ -138,19 +138,21 @@ def location(path: str, key: str, call: Union[int, "Calls"] = 0) -> "Location":
 def user_source(skip: int = 2) -> Optional[SourceLine]:
     """The first frame outside raysight (and contextlib): the user's line that is being recorded."""
     frame = sys._getframe(skip)
-    known = _internal_code
+    known = _internal_files
     while frame is not None:
         code = frame.f_code
-        internal = known.get(code)
+        filename = code.co_filename
+        internal = known.get(filename)
         if internal is None:
-            internal = known[code] = code.co_filename.startswith(_INTERNAL)
+            internal = known[filename] = filename.startswith(_INTERNAL)
         if not internal:
-            return _new_tuple(SourceLine, (code.co_filename, frame.f_lineno, code.co_name))
+            return _new_tuple(SourceLine, (filename, frame.f_lineno, code.co_name))
         frame = frame.f_back
     return None
 
 
 _NO_KWARGS: dict = {}
+_new_object = object.__new__
 
 
 class Node:
@@ -194,6 +196,16 @@ class Node:
                     dep.num_users += 1
             if not flat:
                 self.flat = False
+
+    @classmethod
+    def leaf(cls, index: int, op: Op, target: Any, source: Optional[SourceLine]) -> "Node":
+        """A node without arguments or body (a READ, say), made without ``__init__``'s argument handling."""
+        node = _new_object(cls)
+        node.index = index
+        node.op = op
+        node.target = target
+        node.source = source
+        return node
 
     def set_args(self, args: tuple) -> None:
         """Give a node (a TRACE node, once its trace is recorded) the arguments it depends on."""

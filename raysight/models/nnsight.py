@@ -61,7 +61,7 @@ class NNsight(Envoy):
         """A wrapper of the same module (shared weights) with its own envoy tree and its own copy of the edits."""
         copy = object.__new__(type(self))
         for name, value in self.__dict__.items():
-            if not isinstance(value, Envoy) and name not in ("_by_path", "_children", "_subtree"):
+            if not isinstance(value, Envoy) and name not in ("_by_path", "_children", "_index", "_subtree"):
                 copy.__dict__[name] = value
         copy.__dict__["_edits"] = list(self._edits)
         Envoy.__init__(copy, self._module, "", None)

@@ -33,7 +33,7 @@ from raysight.graph.node import (
     Op,
     user_source,
 )
-from raysight.graph.proxy import _CURRENT, Proxy, current_recorder, set_value, value_of
+from raysight.graph.proxy import _CURRENT, Proxy, current_recorder, new_proxy, set_value, value_of
 from raysight.tracing import creation
 from raysight.tracing import scan as scan_mod
 from raysight.tracing.calls import CallScope, parse_calls
@@ -91,7 +91,7 @@ class Tracer:
                          user_source(1))  # fmt: skip
         if self._mode is not None:
             self._record_meta(node)
-        return Proxy(node, self)
+        return new_proxy(node, self)
 
     def record_access(self, op: Op, path: str, key: str, args: tuple = ()) -> Proxy:
         """Record a READ or WRITE of a module's ``key`` ("output", "input", "inputs"). The hot path of tracing, so
@@ -99,13 +99,16 @@ class Tracer:
         calls = self._calls
         graph = self.graph
         nodes = graph.nodes
-        node = Node(len(nodes), op, _new_tuple(Location, (path, key, calls.get(path, 0) if calls else 0)),
-                    self._to_arg(args) if args else (), None, None, user_source(2))  # fmt: skip
+        target = _new_tuple(Location, (path, key, calls.get(path, 0) if calls else 0))
+        if args:
+            node = Node(len(nodes), op, target, self._to_arg(args), None, None, user_source(2))
+        else:
+            node = Node.leaf(len(nodes), op, target, user_source(2))
         nodes.append(node)
         graph._stack[-1].append(node)
         if self._mode is not None:
             self._record_meta(node)
-        return Proxy(node, self)
+        return new_proxy(node, self)
 
     # -- scanning: fake values while tracing ----------------------------------------------------------------
     def meta_of(self, proxy: Proxy) -> Any:
