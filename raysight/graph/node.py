@@ -135,8 +135,9 @@ def location(path: str, key: str, call: Union[int, "Calls"] = 0) -> "Location":
     return _new_tuple(Location, (path, key, call))
 
 
-def user_source(skip: int = 2) -> Optional[SourceLine]:
-    """The first frame outside raysight (and contextlib): the user's line that is being recorded."""
+def user_source(skip: int = 2) -> Optional[tuple]:
+    """The first frame outside raysight (and contextlib): the user's line that is being recorded, as the plain
+    ``(filename, lineno, function)`` tuple a node keeps (``Node.source`` gives it as a :class:`SourceLine`)."""
     frame = sys._getframe(skip)
     known = _internal_files
     while frame is not None:
@@ -145,8 +146,8 @@ def user_source(skip: int = 2) -> Optional[SourceLine]:
         internal = known.get(filename)
         if internal is None:
             internal = known[filename] = filename.startswith(_INTERNAL)
-        if not internal:
-            return _new_tuple(SourceLine, (filename, frame.f_lineno, code.co_name))
+        if not internal:  # a plain tuple: Node.source makes the SourceLine when someone asks (rarely)
+            return (filename, frame.f_lineno, code.co_name)  # type: ignore[return-value]
         frame = frame.f_back
     return None
 
@@ -168,6 +169,7 @@ class Node:
     saved = False
     num_users = 0
     event_key: Optional[tuple] = None  # READ/WRITE: (module path, is_input), the events it uses (set when run)
+    _where: Optional[tuple] = None  # the source line, as a SourceLine or a plain (file, line, function) tuple
 
     def __init__(
         self,
@@ -182,7 +184,7 @@ class Node:
         self.index = index
         self.op = op
         self.target = target
-        self.source = source
+        self._where = source
         if body is not None:
             self.body = body
         if args or kwargs:
@@ -204,8 +206,21 @@ class Node:
         node.index = index
         node.op = op
         node.target = target
-        node.source = source
+        node._where = source
         return node
+
+    @property
+    def source(self) -> Optional[SourceLine]:
+        """Where the user's code created this node."""
+        where = self._where
+        if where is None or type(where) is SourceLine:
+            return where
+        source = self._where = _new_tuple(SourceLine, where)
+        return source
+
+    @source.setter
+    def source(self, value: Optional[SourceLine]) -> None:
+        self._where = value
 
     def set_args(self, args: tuple) -> None:
         """Give a node (a TRACE node, once its trace is recorded) the arguments it depends on."""
