@@ -1,0 +1,267 @@
+"""Instructions per trace, counted by valgrind's callgrind: the same numbers on every run, whatever else the machine
+is doing. A complement to ``bench_trace.py``, whose microsecond medians move by tens of percent on a noisy 2-core VM.
+
+    .venv/bin/python bench/bench_icount.py            # ~4 min: most of it is valgrind starting torch
+    .venv/bin/python bench/bench_icount.py --n 200    # more calls per case (the counts barely change)
+    .venv/bin/python bench/bench_icount.py --gc       # keep the cycle collector on while counting
+
+Needs ``valgrind`` and ``gcc`` (with ``valgrind/callgrind.h``). The script compiles a three-function helper that
+issues callgrind client requests (start/stop counting, dump a named part), runs itself under callgrind, and counts
+only the calls of each case: one part per case, ``n`` calls each, after a warm-up, with ``gc.freeze()`` first (and the
+collector off unless ``--gc``). Instructions are not time (torch's C++ and the interpreter retire instructions at
+different rates), so quote them next to ``bench_trace.py``'s medians, not instead of them.
+
+Cases are those of ``bench_trace.py`` cases 1, 2 and 4 (two-layer MLP; 32 x Linear(8, 8); zeroing layer1 and reading
+the logits), for raw PyTorch, hand-written hooks, raysight and nnsight (when installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Callable
+
+HELPER = r"""
+#include <valgrind/callgrind.h>
+void cg_toggle(void) { CALLGRIND_TOGGLE_COLLECT; }
+void cg_dump(const char *name) { CALLGRIND_DUMP_STATS_AT(name); }
+void cg_zero(void) { CALLGRIND_ZERO_STATS; }
+"""
+
+
+def cases() -> dict[str, Callable[[], object]]:
+    import torch
+    from torch import nn
+
+    import raysight
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    mlp = nn.Sequential()
+    mlp.add_module("layer1", nn.Linear(5, 10))
+    mlp.add_module("layer2", nn.Linear(10, 2))
+    x = torch.randn(1, 5)
+
+    class Deep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(32)])
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                h = layer(h)
+            return h
+
+    deep = Deep()
+    xd = torch.randn(1, 8)
+    rs, rd = raysight.NNsight(copy.deepcopy(mlp)), raysight.NNsight(copy.deepcopy(deep))
+    saved: list = []
+
+    def keep(m: nn.Module, a: tuple, o: torch.Tensor) -> None:
+        saved.append(o)
+
+    def zero(m: nn.Module, a: tuple, o: torch.Tensor) -> None:
+        o[:] = 0
+
+    def hooks_k(k: int) -> Callable[[], object]:
+        def run() -> object:
+            handles = [deep.layers[i].register_forward_hook(keep) for i in range(k)]
+            try:
+                return deep(xd)
+            finally:
+                for h in handles:
+                    h.remove()
+                saved.clear()
+
+        return run
+
+    def raysight_k(k: int) -> Callable[[], object]:
+        def run() -> object:
+            with rd.trace(xd):
+                outs = [rd.layers[i].output.save() for i in range(k)]
+            return outs
+
+        return run
+
+    def hook_zero() -> object:
+        handle = mlp.layer1.register_forward_hook(zero)
+        try:
+            return mlp(x)
+        finally:
+            handle.remove()
+
+    def rs_empty() -> None:
+        with rs.trace(x):
+            pass
+
+    def rs_save1() -> object:
+        with rs.trace(x):
+            h = rs.layer1.output.save()
+        return h
+
+    def rs_zero() -> object:
+        with rs.trace(x):
+            rs.layer1.output[:] = 0
+            out = rs.output.save()
+        return out
+
+    def hooks_x2() -> object:
+        handles = [mlp.layer1.register_forward_hook(keep), mlp.layer2.register_forward_hook(lambda m, a, o: None)]
+        try:
+            return mlp(x)
+        finally:
+            for h in handles:
+                h.remove()
+            saved.clear()
+
+    found = {
+        "mlp raw forward": lambda: mlp(x),
+        "mlp hand hooks x2": hooks_x2,
+        "mlp raysight empty trace": rs_empty,
+        "mlp raysight save 1": rs_save1,
+        "mlp hand hook zero": hook_zero,
+        "mlp raysight zero+read": rs_zero,
+        "deep raw forward": lambda: deep(xd),
+        "deep hand hooks save 1": hooks_k(1),
+        "deep hand hooks save 32": hooks_k(32),
+        "deep raysight save 1": raysight_k(1),
+        "deep raysight save 32": raysight_k(32),
+    }
+    found.update(nnsight_cases(mlp, x, deep, xd))
+    return found
+
+
+def nnsight_cases(mlp: object, x: object, deep: object, xd: object) -> dict[str, Callable[[], object]]:
+    try:
+        from nnsight import NNsight
+    except Exception:  # not installed, or fails to import: its rows are left out
+        return {}
+    nm, nd = NNsight(copy.deepcopy(mlp)), NNsight(copy.deepcopy(deep))
+
+    # nnsight runs the body of a traced `with` itself and needs it to start on its own line
+    def nn_empty() -> None:
+        with nm.trace(x):
+            pass
+
+    def nn_save1() -> object:
+        with nm.trace(x):
+            h = nm.layer1.output.save()
+        return h
+
+    def nn_zero() -> object:
+        with nm.trace(x):
+            nm.layer1.output[:] = 0
+            out = nm.output.save()
+        return out
+
+    def nn_k(k: int) -> Callable[[], object]:
+        def run() -> object:
+            outs = []
+            with nd.trace(xd):
+                for i in range(k):
+                    outs.append(nd.layers[i].output.save())
+            return outs
+
+        return run
+
+    return {"mlp nnsight empty trace": nn_empty, "mlp nnsight save 1": nn_save1, "mlp nnsight zero+read": nn_zero,
+            "deep nnsight save 1": nn_k(1), "deep nnsight save 32": nn_k(32)}  # fmt: skip
+
+
+def worker(helper: str, n: int, keep_gc: bool) -> None:
+    """Runs under callgrind: one dumped part per case."""
+    cg = ctypes.CDLL(helper)
+    for name, fn in cases().items():
+        for _ in range(30):
+            fn()
+        gc.collect()
+        gc.freeze()
+        if not keep_gc:
+            gc.disable()
+        cg.cg_zero()
+        cg.cg_toggle()
+        for _ in range(n):
+            fn()
+        cg.cg_toggle()
+        cg.cg_dump(name.encode())
+        gc.enable()
+
+
+def count(n: int, keep_gc: bool) -> dict[str, float]:
+    for tool in ("valgrind", "gcc"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench_icount needs {tool} on PATH (Debian: apt-get install valgrind gcc)")
+    with tempfile.TemporaryDirectory() as tmp:
+        helper = pathlib.Path(tmp, "cgctl.so")
+        source = pathlib.Path(tmp, "cgctl.c")
+        source.write_text(HELPER)
+        subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(helper), str(source)], check=True)
+        out = pathlib.Path(tmp, "cg.out")
+        cmd = ["valgrind", "--tool=callgrind", "--collect-atstart=no", f"--callgrind-out-file={out}", sys.executable,
+               __file__, "--worker", str(helper), "--n", str(n)] + (["--gc"] if keep_gc else [])  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"callgrind run failed:\n{done.stderr[-3000:]}")
+        counts = {}
+        for part in sorted(pathlib.Path(tmp).glob("cg.out.*"), key=lambda p: int(p.suffix[1:])):
+            text = part.read_text(errors="replace")
+            name = re.search(r"^desc: Trigger: Client Request: (.*)$", text, re.M)
+            total = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+            if name and total:
+                counts[name.group(1)] = int(total.group(1)) / n
+        return counts
+
+
+def report(counts: dict[str, float], n: int, keep_gc: bool) -> None:
+    print(f"instructions per call (callgrind, {n} calls per case, cycle collector {'on' if keep_gc else 'off'})\n")
+    print(f"{'case':34s} {'instr/call':>12s} {'added':>12s}")
+    for name, value in counts.items():
+        base = counts.get(name.split()[0] + " raw forward", 0.0)
+        print(f"{name:34s} {value:12,.0f} {value - base:12,.0f}")
+    g = counts.get
+
+    def added(name: str) -> float:
+        return g(name, 0.0) - g(name.split()[0] + " raw forward", 0.0)
+
+    def marginal(impl: str) -> float:
+        return (g(f"deep {impl} save 32", 0.0) - g(f"deep {impl} save 1", 0.0)) / 31
+
+    print("\nratios")
+    if "mlp nnsight save 1" in counts:
+        print(f"  case 1  raysight added / nnsight added: empty {added('mlp raysight empty trace') / added('mlp nnsight empty trace'):.3f}, "  # noqa: E501
+              f"save 1 {added('mlp raysight save 1') / added('mlp nnsight save 1'):.3f}")  # fmt: skip
+        print(f"  case 4  raysight added / nnsight added, zero+read: "
+              f"{added('mlp raysight zero+read') / added('mlp nnsight zero+read'):.3f}")  # fmt: skip
+    print(f"  case 1  raysight save 1 added / hand hooks x2 added: "
+          f"{added('mlp raysight save 1') / added('mlp hand hooks x2'):.2f}")  # fmt: skip
+    line = f"  case 2  marginal instructions per saved module: hand hooks {marginal('hand hooks'):,.0f}, " \
+           f"raysight {marginal('raysight'):,.0f}"  # fmt: skip
+    if "deep nnsight save 32" in counts:
+        line += f", nnsight {marginal('nnsight'):,.0f}; raysight / nnsight {marginal('raysight') / marginal('nnsight'):.2f}"
+    print(line + f"; raysight / hooks {marginal('raysight') / marginal('hand hooks'):.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=100, help="calls counted per case")
+    parser.add_argument("--gc", action="store_true", help="keep the cycle collector on while counting")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.n, args.gc)
+        return
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    report(count(args.n, args.gc), args.n, args.gc)
+
+
+if __name__ == "__main__":
+    main()
