@@ -314,26 +314,27 @@ def _direct_only(args: tuple, kwargs: dict) -> bool:
 
 def _collect_nodes(args: tuple, kwargs: dict) -> tuple:
     found: dict[int, Node] = {}
-
-    def visit(a: Any) -> None:
-        if isinstance(a, Node):
-            found.setdefault(a.index, a)
-        elif isinstance(a, (tuple, list)):
-            for x in a:
-                visit(x)
-        elif isinstance(a, dict):
-            for x in a.values():
-                visit(x)
-        elif isinstance(a, slice):
-            visit(a.start)
-            visit(a.stop)
-            visit(a.step)
-
     for a in args:
-        visit(a)
+        _visit(a, found)
     for a in kwargs.values():
-        visit(a)
+        _visit(a, found)
     return tuple(found.values())
+
+
+def _visit(a: Any, found: dict) -> None:
+    """Add the nodes inside ``a`` to ``found`` (a module-level function: a nested recursive one is a cycle)."""
+    if isinstance(a, Node):
+        found.setdefault(a.index, a)
+    elif isinstance(a, (tuple, list)):
+        for x in a:
+            _visit(x, found)
+    elif isinstance(a, dict):
+        for x in a.values():
+            _visit(x, found)
+    elif isinstance(a, slice):
+        _visit(a.start, found)
+        _visit(a.stop, found)
+        _visit(a.step, found)
 
 
 def map_nodes(a: Any, fn: Callable[[Node], Any]) -> Any:

@@ -50,12 +50,15 @@ def run_trace(
     with HookSet(model._module_at, locations, interleaver, direct_root) as hooks:
         if direct_root:
             interleaver.call_root = hooks.call_root
-        interleaver.start()
         try:
-            model._execute(method, args, kwargs, call=hooks.call_root if direct_root else None)
-        except EarlyStop:
-            return interleaver
-        interleaver.finish()
+            interleaver.start()
+            try:
+                model._execute(method, args, kwargs, call=hooks.call_root if direct_root else None)
+            except EarlyStop:
+                return interleaver
+            interleaver.finish()
+        finally:
+            interleaver.call_root = None  # it points back at the interleaver: no cycle left for the collector
     return interleaver
 
 
