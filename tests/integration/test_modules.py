@@ -123,3 +123,16 @@ def test_each_block_of_a_modulelist_can_be_called_ad_hoc(stack_model, stack, x4,
     with stack_model.trace(x4):
         y = stack_model.layers[index](stack_model.embed.output).save()
     assert torch.allclose(y.value, stack.layers[index](stack.embed(x4)))
+
+
+def test_a_module_assigned_over_an_existing_child_replaces_it_by_name_and_index(stack_model, stack, x4):
+    replacement = torch.nn.Linear(6, 6)
+    assert stack_model.layers[1]._module is stack.layers[1]  # indexed once before the swap
+    setattr(stack_model.layers, "1", replacement)
+    assert stack_model.layers[1]._module is replacement
+    assert stack_model.layers["1"]._module is replacement
+    assert [e._module for e in stack_model.layers] == list(stack.layers)
+    with stack_model.trace(x4):
+        out = stack_model.layers[1].output.save()
+    h = stack.layers[0](stack.embed(x4))
+    assert torch.allclose(out.value, replacement(h))
