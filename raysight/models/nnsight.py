@@ -85,7 +85,8 @@ class NNsight(Envoy):
         With ``trace=False`` the model runs at once and its output is returned. ``scan=True`` gives proxies concrete
         shapes while tracing (a fake run first); ``validate=True`` also checks every operation on fake values.
         """
-        backend = _backend_for(remote, backend)
+        if remote and backend is None:
+            backend = _backend_for(remote, backend)
         if not trace:  # run now; still through a trace, so persistent edits apply
             with Tracer(self, inputs, invoker_kwargs=invoker_args or invoker_kwargs, forward_kwargs=kwargs,
                         backend=backend):  # fmt: skip

@@ -31,23 +31,24 @@ def run_trace(
     """Run the nodes of ``body`` (a trace) interleaved with one run of ``model``; return the interleaver."""
     model._ensure_dispatched()
     edit_start = len(nodes)
-    if model._edits:  # persistent edits: copies with their own indices, run first, see the whole batch
+    edits, module_at = model._edits, model._module_at  # (an envoy's attributes are slow to look up: once each)
+    if edits:  # persistent edits: copies with their own indices, run first, see the whole batch
         scratch = Graph()
         scratch.nodes.extend(nodes)
-        body = copy_edits(model._edits, scratch) + list(body)
+        body = copy_edits(edits, scratch) + list(body)
         nodes = scratch.nodes
     streams = _streams(body, invokes)
-    interleaver = Interleaver(nodes, streams, model._module_at, parent=parent)
+    interleaver = Interleaver(nodes, streams, module_at, parent=parent)
     interleaver.edit_start = edit_start
     if deadline is not None:
         interleaver.deadline = deadline
     args, kwargs = model._batch_inputs(invokes)
     if forward_kwargs:
         kwargs = {**kwargs, **forward_kwargs}
-    if locations is None or model._edits:
+    if locations is None or edits:
         locations = {n.target for n in _walk(body) if n.op is READ or n.op is WRITE}
     direct_root = method == "forward"  # the root runs once: its events come around that call, not from hooks
-    with HookSet(model._module_at, locations, interleaver, direct_root) as hooks:
+    with HookSet(module_at, locations, interleaver, direct_root) as hooks:
         if direct_root:
             interleaver.call_root = hooks.call_root
         try:
