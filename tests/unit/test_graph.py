@@ -91,3 +91,23 @@ def test_location_describe_names_module_value_and_call():
     assert "layer1" in str(Location("layer1", "output")) and "output" in str(Location("layer1", "output"))
     assert "1" in str(Location("layer1", "input", 1))
     assert raysight.Location("", "output").path == ""
+
+
+def test_recorded_nodes_know_the_users_line_and_leaf_nodes_share_the_class_defaults(model, x):
+    import inspect
+
+    from raysight.graph.node import SourceLine
+
+    with model.trace(x) as tracer:
+        line = inspect.currentframe().f_lineno + 1
+        hidden = model.layer1.output
+        doubled = hidden * 2
+    read, mul = tracer.graph.nodes[1], tracer.graph.nodes[2]
+    assert read.op is Op.READ and read.target == Location("layer1", "output", 0)
+    assert isinstance(read.source, SourceLine)
+    assert (read.source.filename, read.source.lineno) == (__file__, line)
+    assert read.source.text() == "hidden = model.layer1.output"
+    assert mul.source.lineno == line + 1
+    assert read.args == () and read.kwargs == {} and read.deps == () and read.body is None
+    assert mul.deps == (read,) and read.num_users == 1 and not read.saved
+    assert hidden.node is read and doubled.node is mul
