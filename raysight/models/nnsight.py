@@ -2,7 +2,8 @@
 
 The wrapper is the root :class:`~raysight.envoy.Envoy`. Subclasses adapt three steps to their kind of model:
 ``_prepare_input`` (one invoke's inputs and batch size), ``_batch_inputs`` (several invokes into one batch) and
-``_execute`` (run the module).
+``_execute`` (run the module; for a forward pass it calls the root module through ``call(module, args, kwargs)``
+when given one, which is how the root's own values reach the graph without hooks).
 """
 
 from __future__ import annotations

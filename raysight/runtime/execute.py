@@ -7,6 +7,7 @@ computed and leaves what later nodes need.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 from raysight.graph.graph import Graph
@@ -47,14 +48,19 @@ def run_trace(
         kwargs = {**kwargs, **forward_kwargs}
     if locations is None or edits:
         locations = {n.target for n in _walk(body) if n.op is READ or n.op is WRITE}
-    direct_root = method == "forward"  # the root runs once: its events come around that call, not from hooks
+    # the root runs once in a forward pass: its events come around that call, not from hooks (when the model's
+    # _execute takes the caller; a subclass written against the older signature keeps the hooks)
+    direct_root = method == "forward" and _takes_root_caller(type(model))
     with HookSet(module_at, locations, interleaver, direct_root) as hooks:
         if direct_root:
             interleaver.call_root = hooks.call_root
         try:
             interleaver.start()
             try:
-                model._execute(method, args, kwargs, call=hooks.call_root if direct_root else None)
+                if direct_root:
+                    model._execute(method, args, kwargs, call=hooks.call_root)
+                else:
+                    model._execute(method, args, kwargs)
             except EarlyStop:
                 return interleaver
             interleaver.finish()
@@ -100,6 +106,16 @@ def _streams(body: list, invokes: list) -> list[tuple[list, Optional[Rows], str]
     if len(streams) < len(body):  # there is code outside the invokes
         streams.append((body, None, "the code outside invokes"))
     return streams
+
+
+_TAKES_CALL: dict[type, bool] = {}
+
+
+def _takes_root_caller(kind: type) -> bool:
+    takes = _TAKES_CALL.get(kind)
+    if takes is None:
+        takes = _TAKES_CALL[kind] = "call" in inspect.signature(kind._execute).parameters
+    return takes
 
 
 def _walk(body: list[Node]) -> Any:

@@ -85,3 +85,17 @@ def test_the_root_output_of_a_stopped_pass_is_never_set(model, x):
         out = model.output.save()
     with pytest.raises(ValueError, match="before it's been set"):
         out.value
+
+
+def test_a_subclass_with_the_older_execute_signature_still_sees_the_root(mlp, x):
+    import raysight
+
+    class Legacy(raysight.NNsight):
+        def _execute(self, method, args, kwargs, dispatch=True):  # no `call`: the root is hooked instead
+            return self._module(*args, **kwargs)
+
+    model = Legacy(mlp)
+    with model.trace(x):
+        model.output = model.output + 1
+        out = model.output.save()
+    assert torch.allclose(out.value, mlp(x) + 1)
