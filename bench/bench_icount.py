@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Callable
+from typing import Any, Callable
 
 HELPER = r"""
 #include <valgrind/callgrind.h>
@@ -63,7 +63,6 @@ def cases() -> dict[str, Callable[[], object]]:
 
     deep = Deep()
     xd = torch.randn(1, 8)
-    rs, rd = raysight.NNsight(copy.deepcopy(mlp)), raysight.NNsight(copy.deepcopy(deep))
     saved: list = []
 
     def keep(m: nn.Module, a: tuple, o: torch.Tensor) -> None:
@@ -72,109 +71,73 @@ def cases() -> dict[str, Callable[[], object]]:
     def zero(m: nn.Module, a: tuple, o: torch.Tensor) -> None:
         o[:] = 0
 
-    def hooks_k(k: int) -> Callable[[], object]:
+    def noop(m: nn.Module, a: tuple, o: torch.Tensor) -> None:
+        pass
+
+    def hooked(module: nn.Module, x_in: torch.Tensor, pairs: Callable[[], list]) -> Callable[[], object]:
+        """Register the (module, hook) pairs, run ``module``, remove them: what a hand-written hook pays per call."""
+
         def run() -> object:
-            handles = [deep.layers[i].register_forward_hook(keep) for i in range(k)]
+            handles = [m.register_forward_hook(h) for m, h in pairs()]
             try:
-                return deep(xd)
+                return module(x_in)
             finally:
-                for h in handles:
-                    h.remove()
+                for handle in handles:
+                    handle.remove()
                 saved.clear()
 
         return run
 
-    def raysight_k(k: int) -> Callable[[], object]:
-        def run() -> object:
-            with rd.trace(xd):
-                outs = [rd.layers[i].output.save() for i in range(k)]
-            return outs
-
-        return run
-
-    def hook_zero() -> object:
-        handle = mlp.layer1.register_forward_hook(zero)
-        try:
-            return mlp(x)
-        finally:
-            handle.remove()
-
-    def rs_empty() -> None:
-        with rs.trace(x):
-            pass
-
-    def rs_save1() -> object:
-        with rs.trace(x):
-            h = rs.layer1.output.save()
-        return h
-
-    def rs_zero() -> object:
-        with rs.trace(x):
-            rs.layer1.output[:] = 0
-            out = rs.output.save()
-        return out
-
-    def hooks_x2() -> object:
-        handles = [mlp.layer1.register_forward_hook(keep), mlp.layer2.register_forward_hook(lambda m, a, o: None)]
-        try:
-            return mlp(x)
-        finally:
-            for h in handles:
-                h.remove()
-            saved.clear()
-
     found = {
         "mlp raw forward": lambda: mlp(x),
-        "mlp hand hooks x2": hooks_x2,
-        "mlp raysight empty trace": rs_empty,
-        "mlp raysight save 1": rs_save1,
-        "mlp hand hook zero": hook_zero,
-        "mlp raysight zero+read": rs_zero,
+        "mlp hand hooks x2": hooked(mlp, x, lambda: [(mlp.layer1, keep), (mlp.layer2, noop)]),
+        "mlp hand hook zero": hooked(mlp, x, lambda: [(mlp.layer1, zero)]),
         "deep raw forward": lambda: deep(xd),
-        "deep hand hooks save 1": hooks_k(1),
-        "deep hand hooks save 32": hooks_k(32),
-        "deep raysight save 1": raysight_k(1),
-        "deep raysight save 32": raysight_k(32),
+        "deep hand hooks save 1": hooked(deep, xd, lambda: [(deep.layers[0], keep)]),
+        "deep hand hooks save 32": hooked(deep, xd, lambda: [(layer, keep) for layer in deep.layers]),
     }
-    found.update(nnsight_cases(mlp, x, deep, xd))
-    return found
-
-
-def nnsight_cases(mlp: object, x: object, deep: object, xd: object) -> dict[str, Callable[[], object]]:
+    found.update(traced_cases("raysight", raysight.NNsight, mlp, x, deep, xd))
     try:
         from nnsight import NNsight
     except Exception:  # not installed, or fails to import: its rows are left out
-        return {}
-    nm, nd = NNsight(copy.deepcopy(mlp)), NNsight(copy.deepcopy(deep))
+        NNsight = None
+    if NNsight is not None:
+        found.update(traced_cases("nnsight", NNsight, mlp, x, deep, xd))
+    return found
 
-    # nnsight runs the body of a traced `with` itself and needs it to start on its own line
-    def nn_empty() -> None:
-        with nm.trace(x):
+
+def traced_cases(name: str, wrap: Callable, mlp: Any, x: Any, deep: Any, xd: Any) -> dict[str, Callable[[], object]]:
+    """The traced cases for raysight or nnsight, each on its own copy of the models. (Written so nnsight can run
+    them too: it runs the body of a traced `with` itself and needs it to start on its own line.)"""
+    m, d = wrap(copy.deepcopy(mlp)), wrap(copy.deepcopy(deep))
+
+    def empty() -> None:
+        with m.trace(x):
             pass
 
-    def nn_save1() -> object:
-        with nm.trace(x):
-            h = nm.layer1.output.save()
+    def save1() -> object:
+        with m.trace(x):
+            h = m.layer1.output.save()
         return h
 
-    def nn_zero() -> object:
-        with nm.trace(x):
-            nm.layer1.output[:] = 0
-            out = nm.output.save()
+    def zero_read() -> object:
+        with m.trace(x):
+            m.layer1.output[:] = 0
+            out = m.output.save()
         return out
 
-    def nn_k(k: int) -> Callable[[], object]:
+    def save_k(k: int) -> Callable[[], object]:
         def run() -> object:
             outs = []
-            with nd.trace(xd):
+            with d.trace(xd):
                 for i in range(k):
-                    outs.append(nd.layers[i].output.save())
+                    outs.append(d.layers[i].output.save())
             return outs
 
         return run
 
-    return {"mlp nnsight empty trace": nn_empty, "mlp nnsight save 1": nn_save1, "mlp nnsight zero+read": nn_zero,
-            "deep nnsight save 1": nn_k(1), "deep nnsight save 32": nn_k(32)}  # fmt: skip
+    return {f"mlp {name} empty trace": empty, f"mlp {name} save 1": save1, f"mlp {name} zero+read": zero_read,
+            f"deep {name} save 1": save_k(1), f"deep {name} save 32": save_k(32)}  # fmt: skip
 
 
 def worker(helper: str, n: int, keep_gc: bool) -> None:

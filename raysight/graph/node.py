@@ -130,11 +130,6 @@ _internal_files: dict[str, bool] = {}  # by file name: a str caches its hash, a 
 _new_tuple = tuple.__new__  # builds a named tuple without its Python-level __new__ (recording's hot path)
 
 
-def location(path: str, key: str, call: Union[int, "Calls"] = 0) -> "Location":
-    """``Location(path, key, call)``, made the fast way."""
-    return _new_tuple(Location, (path, key, call))
-
-
 def user_source(skip: int = 2) -> Optional[tuple]:
     """The first frame outside raysight (and contextlib): the user's line that is being recorded, as the plain
     ``(filename, lineno, function)`` tuple a node keeps (``Node.source`` gives it as a :class:`SourceLine`)."""

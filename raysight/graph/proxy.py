@@ -268,6 +268,9 @@ _set_recorder = Proxy._recorder.__set__  # type: ignore[attr-defined]
 _set_value = Proxy._value.__set__  # type: ignore[attr-defined]
 
 
+_new_object = object.__new__
+
+
 def new_proxy(node: Node, recorder: Recorder) -> Proxy:
     """``Proxy(node, recorder)`` without the type call and ``__init__`` frame (recording's hot path)."""
     proxy = _new_object(Proxy)
@@ -275,9 +278,6 @@ def new_proxy(node: Node, recorder: Recorder) -> Proxy:
     _set_recorder(proxy, recorder)
     _set_value(proxy, UNSET)
     return proxy
-
-
-_new_object = object.__new__
 
 
 def set_value(proxy: Proxy, value: Any) -> None:

@@ -401,10 +401,10 @@ _OPS = {
     CALL_FUNCTION: Interleaver.call_function,
     CALL_METHOD: Interleaver.call_method,
     GET_ATTR: Interleaver.get_attr,
-    READ: Interleaver.read,
     WRITE: Interleaver.write,
     CALL_MODULE: Interleaver.call_module,
     PARAM: Interleaver.param,
     SET_GRAD: Interleaver.set_grad,
     LOG: Interleaver.log,
-}  # one interpreter method per op (COND, INVOKE, STOP and GRAD are handled by the stream itself)
+}  # one interpreter method per op (READ is inlined in _run_body; COND, INVOKE, STOP, GRAD, TRACE and ITER are
+# handled by the stream itself)

@@ -41,9 +41,6 @@ class Ops:
     def get_attr(self, node: Node, stream: Stream, event: Any) -> Any:
         return getattr(self.env[node.args[0].index], node.target)
 
-    def read(self, node: Node, stream: Stream, event: Event) -> Any:  # inlined in _run_body; kept for the op table
-        return narrow(_select(event.value, node.target.key), stream.rows)
-
     def write(self, node: Node, stream: Stream, event: Event) -> None:
         loc: Location = node.target
         new = self._load(node.args[0])

@@ -95,7 +95,7 @@ class Tracer:
 
     def record_access(self, op: Op, path: str, key: str, args: tuple = ()) -> Proxy:
         """Record a READ or WRITE of a module's ``key`` ("output", "input", "inputs"). The hot path of tracing, so
-        what ``location()`` and ``Graph.add`` do is written out here."""
+        what ``Graph.add`` does is written out here, and the Location is made without its Python-level __new__."""
         calls = self._calls
         graph = self.graph
         nodes = graph.nodes
