@@ -235,15 +235,7 @@ class Interleaver(Gradients, Loops, Ops):
                             value = narrow(value, stream.rows)
                     except Exception as exc:
                         raise annotate(exc, node) from None
-                    self.executed += 1  # what _set does, for a node without arguments
-                    if self.deadline is not None:
-                        self._check_deadline(node)
-                    if node.saved:
-                        self.saved_values[node.index] = self.env[node.index] = value
-                    else:
-                        self.env[node.index] = value if node.num_users else FREED
-                    if node.deps:
-                        self._release(node)
+                    self._set(node, value)
                     continue
             elif op is COND:
                 try:
