@@ -13,7 +13,9 @@ from raysight.errors import (
     MissedProviderError,
     OutOfOrderError,
     RaysightError,
+    RemoteExecutionError,
     StructureError,
+    TimeLimitError,
     TraceError,
 )
 from raysight.graph import Graph, Location, Node, Op, Proxy
@@ -45,6 +47,10 @@ def __getattr__(name: str) -> object:
         from raysight.models.language import LanguageModel
 
         return LanguageModel
+    if name in ("init", "serve", "pools"):  # Ray: imported when first used
+        import raysight.backends.ray as ray_backend
+
+        return getattr(ray_backend, name)
     if name == "train":
         import raysight.train as train
 
@@ -52,8 +58,9 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'raysight' has no attribute {name!r}")
 
 __all__ = [
-    "NNsight", "LanguageModel", "Proxy", "Graph", "Node", "Op", "Location",
+    "NNsight", "LanguageModel", "init", "serve", "pools", "Proxy", "Graph", "Node", "Op", "Location",
     "apply", "log", "stop", "cond",
     "list", "dict", "tuple", "set", "int", "float", "str", "bool", "bytes", "bytearray", "complex",
     "RaysightError", "TraceError", "OutOfOrderError", "InterventionError", "StructureError", "MissedProviderError",
+    "RemoteExecutionError", "TimeLimitError",
 ]  # fmt: skip

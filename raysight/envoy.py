@@ -3,8 +3,10 @@
 An envoy mirrors the ``nn.Module`` tree (``model.transformer.h[3]``); inside a trace its ``.output``, ``.input``
 and ``.inputs`` are proxies that read (or, when assigned, write) that module's values in the forward pass, its
 tensor attributes are copies, and calling it runs the module ad hoc. Outside a trace it gives the real module's
-attributes. A child whose name clashes with the envoy API (``output``, ``next``, ...) is reachable as
-``name_`` (e.g. BERT's ``attention.output_``).
+attributes. A child named ``output``, ``input`` or ``inputs`` takes the name, as in nnsight 0.4 (BERT's
+``attention.output`` is the ``BertSelfOutput`` child); the module's own values are then ``.nns_output`` /
+``.nns_input`` / ``.nns_inputs``. A child whose name clashes with any envoy API is also reachable as ``name_``
+(``attention.output_``; ``next_``, ...).
 """
 
 from __future__ import annotations
@@ -23,23 +25,41 @@ class _ModuleValue:
     recording now, assigning records a WRITE. (A descriptor rather than a property: reading a module value is the
     most frequent thing a trace does, and this makes it one call.)"""
 
-    def __init__(self, key: str, doc: str) -> None:
+    def __init__(self, key: str, doc: str, mountable: bool = True) -> None:
         self.key = key
         self.__doc__ = doc
+        self.mountable = mountable  # False for nns_output & co, which always mean the value
 
     def __get__(self, envoy: Optional["Envoy"], owner: Any = None) -> Any:
         if envoy is None:
             return self
+        if self.mountable:
+            child = envoy.__dict__.get(self.key)  # a child module of this name is mounted here (nnsight 0.4)
+            if child is not None:
+                return child
         rec = _CURRENT.get()
         if rec is None or not rec.recording or rec.root_module is not envoy._root._module:
             rec = envoy._recorder(self.key)  # raises the error that says what is wrong, or allows a session
         return rec.record_access(READ, envoy._path, self.key)
 
     def __set__(self, envoy: "Envoy", value: Any) -> None:
+        if self.mountable and self.key in envoy.__dict__:
+            if isinstance(value, torch.nn.Module):  # replace the child module of this name
+                envoy._module.add_module(self.key, value)
+                envoy._add_child(self.key, value)
+                return
+            raise TraceError(
+                f"{envoy._describe()} has a child module named {self.key!r}, so `.{self.key}` is that module; set "
+                f"the module's own {self.key} with `.nns_{self.key} = ...`"
+            )
         rec = _CURRENT.get()
         if rec is None or not rec.recording or rec.root_module is not envoy._root._module:
             rec = envoy._recorder(self.key)
         rec.record_access(WRITE, envoy._path, self.key, (value,))
+
+
+_VALUE_NAMES = ("output", "input", "inputs")
+_NNS_NAMES = ("nns_output", "nns_input", "nns_inputs")
 
 
 class Envoy:
@@ -71,8 +91,10 @@ class Envoy:
         else:
             self._index.append(child)
         self._children[name] = child
-        attr = name + "_" if hasattr(type(self), name) else name
-        self.__dict__[attr] = child
+        if not hasattr(type(self), name) or name in _VALUE_NAMES:
+            self.__dict__[name] = child  # `output`/`input`/`inputs` become the child's, as in nnsight 0.4
+        if hasattr(type(self), name):
+            self.__dict__[name + "_"] = child  # (other names of the envoy API stay the API's)
         for key, alias in (self._root.__dict__.get("_rename") or {}).items():
             if key == path and "." in key:
                 self._root.__dict__.setdefault(alias, child)  # a full path: reachable from the root
@@ -114,6 +136,14 @@ class Envoy:
     def path(self) -> str:
         return self._path
 
+    def get(self, path: str) -> Any:
+        """What a dotted path below this envoy names: ``model.get("transformer.h.0")`` is the envoy,
+        ``model.get("transformer.h.0.output")`` inside a trace the proxy of its output."""
+        value: Any = self
+        for part in path.split("."):
+            value = getattr(value, part)
+        return value
+
     # -- reading and writing values (inside a trace) --------------------------------------------------------
     def _recorder(self, what: str) -> Any:
         rec = current_recorder()
@@ -134,6 +164,9 @@ class Envoy:
     input = _ModuleValue("input", "The module's first positional argument (or its first keyword argument when "
                          "called without any).")  # fmt: skip
     inputs = _ModuleValue("inputs", "All of the module's arguments as ``((args...), {kwargs})``.")
+    nns_output = _ModuleValue("output", "``.output``, also when a child module is named ``output``.", False)
+    nns_input = _ModuleValue("input", "``.input``, also when a child module is named ``input``.", False)
+    nns_inputs = _ModuleValue("inputs", "``.inputs``, also when a child module is named ``inputs``.", False)
 
     def next(self, steps: int = 1) -> "Envoy":
         """Later accesses of this module and its descendants refer to their next call (chainable)."""
@@ -180,7 +213,7 @@ class Envoy:
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("output", "input", "inputs"):
+        if name in _VALUE_NAMES or name in _NNS_NAMES:
             object.__setattr__(self, name, value)
         elif isinstance(value, torch.nn.Module):
             self._module.add_module(name, value)

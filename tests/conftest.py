@@ -5,6 +5,8 @@ Tests import models and oracle helpers from ``helpers`` (this file only holds fi
 
 from __future__ import annotations
 
+import os
+import pathlib
 from typing import Any, Callable
 
 import pytest
@@ -130,7 +132,23 @@ def count_real_calls() -> Callable[..., RealCallCounter]:
     return RealCallCounter
 
 
+@pytest.fixture(scope="session")
+def ray_cluster() -> Any:
+    """A local Ray cluster for the whole test session (started on first use, ~10 s), shut down at the end. It
+    declares 8 logical CPUs (on 2 real cores) so several pools fit; its workers import the test helpers (models
+    defined in tests/) from PYTHONPATH."""
+    ray = pytest.importorskip("ray")
+    import raysight
+
+    here = pathlib.Path(__file__).resolve().parent
+    paths = [str(here), str(here / "integration"), str(here / "distributed"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    raysight.init(num_cpus=8, runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}})
+    yield ray
+    ray.shutdown()
+
+
 # -- the backends integration tests run on (see tests/integration/conftest.py) ---------------------------------
 def pytest_addoption(parser: Any) -> None:
-    parser.addoption("--backend", default="both", choices=("both", "local", "wire"),
-                     help="integration tests run on the local backend and through the wire format (remote='local')")
+    parser.addoption("--backend", default="all", choices=("all", "local", "wire", "ray"),
+                     help="integration tests run on the local backend, through the wire format (remote='local') and "
+                          "on a Ray actor of a local Ray cluster (remote=True); choose one to run only that")

@@ -9,6 +9,8 @@ part a model actor runs.
 from __future__ import annotations
 
 import copy
+import io
+import sys
 import time
 import weakref
 from typing import Any, Callable, Optional
@@ -20,7 +22,25 @@ from raysight.runtime.execute import run_session, run_trace
 
 
 def serve(payload: bytes, resolve_model: Callable[[int], Any], limits: Limits, trusted: bool) -> bytes:
-    """Decode a request, run it on the server's models, return the encoded saved values."""
+    """Decode a request, run it on the server's models, return the encoded saved values and ``tracer.log`` lines.
+    An error raised here carries the lines logged before it as ``error._raysight_logs``."""
+    logs = io.StringIO()
+    try:
+        return _serve(payload, resolve_model, limits, trusted, logs)
+    except BaseException as exc:
+        exc._raysight_logs = logs.getvalue()  # type: ignore[attr-defined]
+        raise
+
+
+def relay_logs(logs: Any) -> None:
+    """Print on the client what ``tracer.log`` printed where the graph ran (as a local run prints it)."""
+    for text in [logs] if isinstance(logs, str) else logs:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+
+def _serve(payload: bytes, resolve_model: Callable[[int], Any], limits: Limits, trusted: bool, logs: Any) -> bytes:
     decoded = decode_request(payload, limits, trusted, resolve_model)
     models = {i: resolve_model(i) for i in range(len(decoded.models))}
     for i, model in models.items():
@@ -28,17 +48,19 @@ def serve(payload: bytes, resolve_model: Callable[[int], Any], limits: Limits, t
     deadline = time.monotonic() + limits.max_seconds if limits.max_seconds else None
     try:
         if decoded.method == "session":
-            saved = run_session(decoded.graph, deadline=deadline)
+            saved = run_session(decoded.graph, deadline=deadline, log_to=logs)
         else:
             model = models[decoded.model]
             graph = decoded.graph
             saved = run_trace(model, graph.body, graph.nodes, decoded.invokes, decoded.forward_kwargs,
-                              decoded.method, locations=graph.locations(), deadline=deadline).results()  # fmt: skip
+                              decoded.method, locations=graph.locations(), deadline=deadline,
+                              log_to=logs).results()  # fmt: skip
     except (RaysightError, KeyboardInterrupt):
         raise
     except Exception as exc:  # an intervention failed: report it as the server's error, keeping its type
         raise RemoteExecutionError.wrap(exc) from exc
-    return encode_result(saved, limits)
+    text = logs.getvalue()
+    return encode_result(saved, limits, [text] if text else [])
 
 
 class WireBackend:
@@ -56,8 +78,13 @@ class WireBackend:
                                  model=None if request.method == "session" else model)  # fmt: skip
         self.last_request_bytes = len(payload)
         servers = [self._server_copy(m) for m in models]
-        result = serve(payload, lambda i: servers[i], self.limits, self.trusted)
-        saved, _ = decode_result(result)
+        try:
+            result = serve(payload, lambda i: servers[i], self.limits, self.trusted)
+        except BaseException as exc:
+            relay_logs(getattr(exc, "_raysight_logs", ""))
+            raise
+        saved, logs = decode_result(result)
+        relay_logs(logs)
         return saved
 
     def _server_copy(self, model: Any) -> Any:
@@ -83,4 +110,4 @@ def default_wire_backend() -> WireBackend:
     return _DEFAULT
 
 
-__all__ = ["WireBackend", "WireError", "serve", "default_wire_backend"]
+__all__ = ["WireBackend", "WireError", "default_wire_backend", "relay_logs", "serve"]

@@ -141,7 +141,11 @@ class _Decoder:
         try:
             fn = _resolve(module, name)
         except Exception:
-            raise self.fail(f"the callable {module}.{name} does not exist here") from None
+            raise self.fail(
+                f"the callable {module}.{name} does not exist here (module {module!r} cannot be imported where the "
+                "graph runs, or lacks that name); ship your code to the cluster with Ray's runtime_env "
+                "(working_dir / py_modules), or define the function in the script you run"
+            ) from None
         if not callable(fn):
             raise self.fail(f"{module}.{name} is not callable")
         return fn
@@ -251,9 +255,17 @@ def _decode_tensor(v: dict, dec: _Decoder) -> torch.Tensor:
     if raw is not dtype:
         t = t.view(dtype)
     if v.get("param"):
-        return torch.nn.Parameter(t.clone(), requires_grad=bool(v.get("grad")))
-    if v.get("grad"):
+        t = torch.nn.Parameter(t.clone(), requires_grad=bool(v.get("grad")))
+    elif v.get("grad"):
         t = t.clone().requires_grad_(True)
+    grad = v.get("grad_value")
+    if grad is not None:
+        if type(grad) is not dict or grad.get("$") != "tensor":
+            raise dec.fail("a tensor's grad_value must be a tensor")
+        try:
+            t.grad = _decode_tensor(grad, dec)
+        except RuntimeError as exc:  # shape or dtype unlike the tensor's
+            raise dec.fail(f"a tensor's grad_value does not fit it ({exc})") from None
     return t
 
 

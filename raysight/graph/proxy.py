@@ -8,6 +8,7 @@ a new proxy. Once the graph has run, a saved proxy holds its value and behaves a
 
 from __future__ import annotations
 
+import math
 import operator
 from contextvars import ContextVar
 from typing import Any, Optional, Protocol
@@ -83,6 +84,14 @@ class Proxy:
     @property
     def node(self) -> Node:
         return self._node
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: PLE0307 - deliberate, see below
+        """After the run a saved proxy answers ``isinstance`` for its value (``isinstance(p, torch.Tensor)``), so
+        libraries that branch on the type (a tokenizer's ``decode``, say) treat it as the value. ``type(p)`` is
+        still Proxy, and torch dispatches on the real type, so nothing mistakes it for a tensor's memory."""
+        value = self._value
+        return type(self) if value is UNSET else type(value)
 
     @property
     def resolved(self) -> bool:
@@ -232,10 +241,28 @@ class Proxy:
             "float(proxy) is unknown while tracing; use `raysight.float(proxy)` to record the conversion."
         )
 
-    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
         if _recording() is None:
-            return self.value.__array__(*args, **kwargs)
+            import numpy
+            import torch
+
+            value = self.value
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu()
+            return numpy.asarray(value, dtype=dtype)
         raise TraceError("A proxy cannot become a numpy array while tracing; convert it after the run.")
+
+    def __round__(self, ndigits: Optional[int] = None) -> Any:
+        return _apply(round, self) if ndigits is None else _apply(round, self, ndigits)
+
+    def __trunc__(self) -> Any:
+        return _apply(math.trunc, self)
+
+    def __floor__(self) -> Any:
+        return _apply(math.floor, self)
+
+    def __ceil__(self) -> Any:
+        return _apply(math.ceil, self)
 
     def __hash__(self) -> int:
         return id(self)
@@ -259,8 +286,12 @@ class Proxy:
         node = self.node
         return f"{node.name} {node.op.value}[{node.describe_target()}]"
 
-    def __reduce__(self) -> Any:
-        raise TraceError("Proxies cannot be pickled; save them and pickle their `.value` after the run.")
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        value = self._value
+        if value is not UNSET:  # after the run a saved proxy pickles (torch.save, deepcopy) exactly as its value
+            return value.__reduce_ex__(protocol)
+        raise TraceError("A proxy cannot be pickled or copied before it has a value: save it, and pickle it (or its "
+                         "`.value`) after the run.")  # fmt: skip
 
 
 _set_node = Proxy._node.__set__  # type: ignore[attr-defined]

@@ -151,6 +151,8 @@ def _encode_tensor(t: torch.Tensor, frames: Optional[list] = None) -> dict:
         frames.append(data)
     if t.requires_grad and t.is_leaf:
         out["grad"] = True
+    if (t.is_leaf or t.retains_grad) and t.grad is not None:  # e.g. kept by retain_grad() on a saved value
+        out["grad_value"] = _encode_tensor(t.grad, frames)
     if isinstance(t, torch.nn.Parameter):
         out["param"] = True
     return out

@@ -185,8 +185,9 @@ class LanguageModel(NNsight):
         return (), encoding, int(encoding["input_ids"].shape[0])
 
     def _invoker_inputs(self, args: tuple, kwargs: dict) -> tuple:
-        """``invoker.inputs[0]`` is the invoke's encoding, as in nnsight: ``invoker.inputs[0]["input_ids"]``."""
-        return (kwargs,) if kwargs else ()
+        """nnsight 0.4's ``(args, kwargs)`` with the encoding as the one positional input:
+        ``invoker.inputs[0][0]["input_ids"]``; ``invoker.inputs[0]["input_ids"]`` (older tutorials) works too."""
+        return (_Args((kwargs,)), {})
 
     def _encode(self, source: Any, tokenizer_kwargs: dict) -> dict:
         tok = self.tokenizer
@@ -255,6 +256,16 @@ class LanguageModel(NNsight):
         if call is not None:
             return call(module, args, kwargs)
         return module(*args, **kwargs)
+
+
+class _Args(tuple):
+    """The positional inputs of an invoke of a language model, ``(encoding,)``; a string key reads the encoding, so
+    code written for either form of ``invoker.inputs`` (``[0][0]["input_ids"]`` or ``[0]["input_ids"]``) works."""
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return tuple.__getitem__(self, 0)[key]
+        return tuple.__getitem__(self, key)
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,20 @@ class NNsight(Envoy):
         self.__dict__["_edits"] = []
         super().__init__(module, "", None)
 
+    @property
+    def _model(self) -> torch.nn.Module:
+        """The wrapped module (nnsight 0.4's name for it)."""
+        return self._module
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's first parameter (or buffer); cpu for a module without either."""
+        for tensor in self._module.parameters():
+            return tensor.device
+        for tensor in self._module.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
     # -- module methods that return the module return the wrapper ----------------------------------------------
     def to(self, *args: Any, **kwargs: Any) -> "NNsight":
         self._module.to(*args, **kwargs)
@@ -114,8 +128,8 @@ class NNsight(Envoy):
         return args, kwargs, batch_size_of(args, kwargs)
 
     def _invoker_inputs(self, args: tuple, kwargs: dict) -> tuple:
-        """What ``invoker.inputs`` shows: the invoke's prepared positional inputs."""
-        return args
+        """What ``invoker.inputs`` shows: the invoke's prepared ``(args, kwargs)``, as in nnsight 0.4."""
+        return (args, kwargs)
 
     def _batch_inputs(self, invokes: list[InvokeInputs]) -> tuple[tuple, dict]:
         prepared = [(inv.args, inv.kwargs, inv.batch_size) for inv in invokes if inv.batch_size]
@@ -155,17 +169,20 @@ class NNsight(Envoy):
 
 
 def _backend_for(remote: Any, backend: Any) -> Any:
-    """``remote=False``: run here; ``remote="local"``: the full wire path in this process."""
+    """``remote=False``: run here; ``remote=True``: on a Ray actor holding the model (``raysight.serve`` or the
+    default pool); ``remote="local"``: the full wire path in this process."""
     if backend is not None or not remote:
         return backend
     if remote == "local":
         from raysight.backends.wire import default_wire_backend
 
         return default_wire_backend()
-    raise NotImplementedError(
-        f"remote={remote!r}: the Ray backend is not built yet; use remote=False, or remote='local' for the "
-        "serialized path in this process"
-    )
+    if remote is True:
+        from raysight.backends.ray import default_ray_backend
+
+        return default_ray_backend()
+    raise ValueError(f"remote={remote!r}: use remote=True (a Ray actor), remote='local' (the serialized path in this "
+                     "process) or remote=False")
 
 
 class Edit:

@@ -28,6 +28,7 @@ def run_trace(
     parent: Optional[Interleaver] = None,
     locations: Optional[set] = None,
     deadline: Optional[float] = None,
+    log_to: Any = None,
 ) -> Interleaver:
     """Run the nodes of ``body`` (a trace) interleaved with one run of ``model``; return the interleaver."""
     model._ensure_dispatched()
@@ -43,6 +44,8 @@ def run_trace(
     interleaver.edit_start = edit_start
     if deadline is not None:
         interleaver.deadline = deadline
+    if log_to is not None:
+        interleaver.log_to = log_to
     args, kwargs = model._batch_inputs(invokes)
     if forward_kwargs:
         kwargs = {**kwargs, **forward_kwargs}
@@ -69,10 +72,11 @@ def run_trace(
     return interleaver
 
 
-def run_session(graph: Graph, deadline: Optional[float] = None) -> dict[int, Any]:
+def run_session(graph: Graph, deadline: Optional[float] = None, log_to: Any = None) -> dict[int, Any]:
     """Run a session graph from top to bottom; return the saved values by node index."""
     interleaver = Interleaver(graph.nodes, [(graph.body, None, "the session")], _no_module)
     interleaver.deadline = deadline
+    interleaver.log_to = log_to
     try:
         interleaver.start()
     except StopLoop:

@@ -50,6 +50,7 @@ class Interleaver(Gradients, Loops, Ops):
     # Defaults live on the class (an interleaver is made per trace): only what differs is set per instance.
     call_root: Optional[Callable] = None  # calls the root module with its events when no hook delivers them
     deadline: Optional[float] = None  # time.monotonic() past which the run stops (Limits.max_seconds)
+    log_to: Any = None  # where tracer.log lines go (a server collects them for the client); None: stdout
     event: Optional[Event] = None  # the event being delivered now
     finished = False  # the forward pass is over
     executed = 0  # nodes run or skipped so far
@@ -75,6 +76,8 @@ class Interleaver(Gradients, Loops, Ops):
                 self.remaining.extend(n.num_users for n in nodes[-missing:])
             if parent.deadline is not None:
                 self.deadline = parent.deadline
+            if parent.log_to is not None:
+                self.log_to = parent.log_to
         self.module_at = module_at
         self.counts: dict[tuple, int] = {}
         self.edit_start = len(nodes)  # nodes from this index on come from persistent edits and run first

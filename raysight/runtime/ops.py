@@ -18,7 +18,7 @@ from raysight.runtime.state import Event, Stream, same_view
 
 
 class Ops:
-    """Op methods of the Interleaver (it supplies env, _load, module_at and call_root)."""
+    """Op methods of the Interleaver (it supplies env, _load, module_at, call_root and log_to)."""
 
     def _arguments(self, node: Node) -> tuple[tuple, dict]:
         if node.flat:  # nodes only as direct arguments: no walk needed
@@ -88,7 +88,10 @@ class Ops:
         return value.clone() if isinstance(value, torch.Tensor) else value
 
     def log(self, node: Node, stream: Stream, event: Any) -> None:
-        print(*self._load(node.args), **self._load(node.kwargs))  # the user asked for it: tracer.log
+        kwargs = self._load(node.kwargs)
+        if self.log_to is not None:  # a server: the lines go back to the client with the results
+            kwargs = {**kwargs, "file": self.log_to}
+        print(*self._load(node.args), **kwargs)  # the user asked for it: tracer.log
         return None
 
 

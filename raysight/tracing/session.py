@@ -51,14 +51,9 @@ class Session:
 
     # -- the user's API -------------------------------------------------------------------------------------
     def iter(self, collection: Any, return_context: bool = False) -> "Loop":
-        """``with session.iter(collection) as item:`` runs the body once per element when the session runs."""
-        if not isinstance(collection, Proxy) and not hasattr(collection, "__len__"):
-            raise TypeError(
-                f"session.iter() needs a collection with a length (list, tuple, tensor, DataLoader, raysight.list()), "
-                f"got {type(collection).__name__}; wrap a generator in list(...)"
-            )
-        node = self.graph.add(ITER, None, self._to_arg((collection,)), None, user_source(1))
-        return Loop(self, node, return_context)
+        """``with session.iter(collection) as item:`` runs the body once per element when the session runs
+        (``for item in session.iter(collection):`` records the same loop)."""
+        return loop_over(self, collection, return_context)
 
     def cond(self, predicate: Any) -> Block:
         """``with session.cond(pred):`` runs its body (traces or plain operations) only if ``pred`` is true."""
@@ -112,8 +107,21 @@ class Session:
         return f"<Session: {len(self.graph)} nodes>"
 
 
+def loop_over(recorder: Any, collection: Any, return_context: bool = False) -> "Loop":
+    """An ITER node over ``collection`` in the graph ``recorder`` (a session or a trace) records now."""
+    if not isinstance(collection, Proxy) and not hasattr(collection, "__len__"):
+        what = "session.iter()" if getattr(recorder, "is_session", False) else "tracer.iter()"
+        raise TypeError(
+            f"{what} needs a collection with a length (list, tuple, tensor, DataLoader, raysight.list()), "
+            f"got {type(collection).__name__}; wrap a generator in list(...)"
+        )
+    node = recorder.graph.add(ITER, None, recorder._to_arg((collection,)), None, user_source(1))
+    return Loop(recorder, node, return_context)
+
+
 class Loop(Block):
-    """The context of ``session.iter``: yields the element proxy (and, with ``return_context``, the loop)."""
+    """The context of ``session.iter``: yields the element proxy (and, with ``return_context``, the loop). As a
+    ``for`` loop it runs its body once, while recording, and records that body as the loop's."""
 
     def __init__(self, session: Session, node: Node, return_context: bool) -> None:
         super().__init__(session, node)
@@ -123,6 +131,13 @@ class Loop(Block):
         super().__enter__()
         item = Proxy(self.node, self.recorder)
         return (item, self) if self._return_context else item
+
+    def __iter__(self) -> Any:
+        entered = self.__enter__()
+        try:
+            yield entered
+        finally:  # the body ended (or broke out, or raised: the recording is then abandoned anyway)
+            self.__exit__(None, None, None)
 
     def cond(self, predicate: Any) -> Block:
         return Block(self.recorder, self.recorder.record(COND, None, (predicate,)).node)

@@ -223,14 +223,20 @@ class Tracer:
         return self.model.all()
 
     @property
-    def iter(self) -> Any:
-        """``with tracer.iter[1:3]:`` — later accesses of every module select those calls (as ``model.iter``)."""
-        return self.model.iter
+    def iter(self) -> "_TracerIter":
+        """``with tracer.iter[1:3]:`` — later accesses of every module select those calls (as ``model.iter``);
+        ``with tracer.iter(collection) as item:`` — a loop run when the graph runs (as ``session.iter``)."""
+        return _TracerIter(self)
 
     def next(self, steps: int = 1) -> "Tracer":
         """Later accesses of every module refer to their next call (as ``model.next()``)."""
         self.model.next(steps)
         return self
+
+    @property
+    def invoker(self) -> Optional["Invoker"]:
+        """The invoke open now (for ``model.trace(x)``, the one its input made): ``tracer.invoker.inputs``."""
+        return self._invoker or self._implicit
 
     def invoke(self, *inputs: Any, **kwargs: Any) -> "Invoker":
         """Add a batch entry: ``with tracer.invoke(x):`` — accesses inside see only these rows."""
@@ -470,6 +476,19 @@ class Invoker:
         self.tracer._invoker = None
         self.tracer._calls = self._outer_calls
         return False
+
+
+class _TracerIter:
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+
+    def __getitem__(self, selection: Any) -> Any:
+        return self._tracer.model.iter[selection]
+
+    def __call__(self, collection: Any, return_context: bool = False) -> Any:
+        from raysight.tracing.session import loop_over
+
+        return loop_over(self._tracer, collection, return_context)
 
 
 class Block:

@@ -16,13 +16,15 @@ import raysight
 from lm_helpers import ARCHS, bert_tokenizer, build_lm
 
 
-# -- every integration test runs twice: locally, and through the wire format ----------------------------------
-@pytest.fixture(autouse=True, params=["local", "wire"])
+# -- every integration test runs three times: locally, through the wire format, and on a Ray actor -----------
+@pytest.fixture(autouse=True, params=["local", "wire", "ray"])
 def backend(request: Any) -> Any:
     """``wire``: every trace and session that names no backend is serialized, decoded against a server-side copy
-    of the model, run there, and its saved values serialized back (SPEC §5: every feature round-trips)."""
+    of the model, run there, and its saved values serialized back (SPEC §5: every feature round-trips).
+    ``ray``: the same, on an actor of the default pool of a local Ray cluster (SPEC §6: remote runs return what a
+    local run returns)."""
     chosen = request.config.getoption("--backend")
-    if chosen != "both" and request.param != chosen:
+    if chosen != "all" and request.param != chosen:
         pytest.skip(f"--backend={chosen}")
     if request.param == "local":
         yield "local"
@@ -30,10 +32,20 @@ def backend(request: Any) -> Any:
     if "local_only" in request.keywords:
         pytest.skip("checks the client's own module or objects, which a remote run never touches")
     from raysight.backends import using
-    from raysight.backends.wire import WireBackend
 
-    with using(WireBackend()):
-        yield "wire"
+    if request.param == "wire":
+        from raysight.backends.wire import WireBackend
+
+        with using(WireBackend()):
+            yield "wire"
+        return
+    if "same_process" in request.keywords:
+        pytest.skip("observes the run through hooks, counters or the RNG of this process; the run is on an actor")
+    request.getfixturevalue("ray_cluster")
+    from raysight.backends.ray import RayBackend
+
+    with using(RayBackend()):
+        yield "ray"
 
 
 @pytest.fixture(scope="session")

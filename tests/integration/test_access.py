@@ -137,3 +137,36 @@ def test_module_methods_that_return_the_module_return_the_wrapper(model, mlp):
     model.to(torch.float32)
     assert model.requires_grad_(False) is model and not mlp.layer1.weight.requires_grad
     model.requires_grad_(True)
+
+
+class _Head(torch.nn.Module):
+    """A model whose child is named `output` (as Llama's reference code names its vocabulary head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(5, 4)
+        self.output = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.body(x)) * 2
+
+
+def test_a_child_named_output_takes_the_name_and_nns_output_is_the_value(x):
+    torch.manual_seed(0)
+    net = _Head()
+    model = raysight.NNsight(net)
+    assert model.output is model.output_  # the child envoy (nnsight 0.4 mounts it at its name)
+    with model.trace(x):
+        head = model.output.output.save()  # the child's output
+        model.nns_output[:] = 0  # the root's own output, edited in place
+        final = model.nns_output.save()
+    with torch.no_grad():
+        assert torch.allclose(head.value, net.output(net.body(x)))
+    assert torch.equal(final.value, torch.zeros(2, 3))
+
+
+def test_setting_a_mounted_name_to_a_value_points_to_nns_output(x):
+    model = raysight.NNsight(_Head())
+    with pytest.raises(raysight.TraceError, match=r"child module named 'output'.*\.nns_output = \.\.\."):
+        with model.trace(x):
+            model.output = torch.zeros(2, 3)

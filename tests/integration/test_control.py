@@ -11,6 +11,7 @@ UNSET_MESSAGE = r"Accessing value before it's been set\."
 
 
 # -- early stop ----------------------------------------------------------------------------------------------
+@pytest.mark.same_process
 def test_output_stop_ends_the_forward_pass(model, mlp, x, count_calls):
     with count_calls(mlp.layer1, mlp.layer2) as calls:
         with model.trace(x):
@@ -24,6 +25,7 @@ def test_output_stop_ends_the_forward_pass(model, mlp, x, count_calls):
     assert_no_hooks(mlp)
 
 
+@pytest.mark.same_process
 def test_tracer_stop_ends_the_forward_pass(stack_model, stack, x4, count_calls):
     with count_calls(stack.layers[0], stack.layers[1], stack.layers[2], stack.head) as calls:
         with stack_model.trace(x4) as tracer:

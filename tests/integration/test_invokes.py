@@ -9,6 +9,7 @@ import raysight
 from helpers import assert_no_hooks
 
 
+@pytest.mark.same_process
 def test_invokes_run_in_one_forward_pass(model, mlp, x, xb, count_calls):
     seen_batch = []
     handle = mlp.register_forward_pre_hook(lambda m, a: seen_batch.append(a[0].shape[0]))
@@ -94,10 +95,11 @@ def test_invoker_inputs_and_batch_size_are_available_on_entering(model, x, xb):
     with model.trace() as tracer:
         with tracer.invoke(x) as inv0:
             assert inv0.batch_size == x.shape[0]
-            assert torch.equal(inv0.inputs[0], x)
+            (arg,), kwargs = inv0.inputs  # nnsight 0.4: the prepared (args, kwargs)
+            assert torch.equal(arg, x) and kwargs == {}
         with tracer.invoke(xb) as inv1:
             assert inv1.batch_size == xb.shape[0]
-            assert torch.equal(inv1.inputs[0], xb)
+            assert torch.equal(inv1.inputs[0][0], xb)
 
 
 def test_keyword_tensors_of_every_invoke_are_batched(kw_model, kw_net, x4):
@@ -121,6 +123,7 @@ def test_invoker_args_go_to_input_preparation(kw_model, kw_net, x4, alias):
     assert not torch.allclose(out.value, kw_net(x4))
 
 
+@pytest.mark.same_process
 def test_trace_false_runs_at_once_and_returns_the_output(model, mlp, x, count_calls):
     with count_calls(mlp) as calls:
         out = model.trace(x, trace=False)

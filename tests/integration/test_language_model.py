@@ -274,6 +274,7 @@ def test_invoker_args_of_trace_go_to_the_tokenizer(gpt2, gpt2_ref, lm_tokenizer)
     assert torch.allclose(got, expected, atol=ATOL)
 
 
+@pytest.mark.same_process
 def test_several_invokes_of_different_lengths_run_one_forward(gpt2, gpt2_ref, lm_tokenizer, count_calls):
     texts = ["hello", TEXT, "a b c"]
     with count_calls(hf_module(gpt2), hf_module(gpt2).lm_head) as calls:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import tracemalloc
 
+import pytest
 import torch
 
 from helpers import assert_no_hooks
@@ -39,6 +40,7 @@ def test_traces_that_save_nothing_do_not_grow_memory(model, mlp, x):
     assert_no_hooks(mlp)
 
 
+@pytest.mark.same_process
 def test_activations_are_not_kept_after_a_run_that_saves_nothing(model, mlp, x):
     import weakref
 

@@ -22,6 +22,7 @@ def test_ad_hoc_call_on_an_edited_value(model, mlp, x):
     assert torch.allclose(y.value, mlp.layer2(-mlp.layer1(x)))
 
 
+@pytest.mark.same_process
 def test_ad_hoc_call_without_hook_does_not_fire_hooks(model, mlp, x, count_calls):
     with count_calls(mlp.layer2) as calls:
         with model.trace(x):
@@ -29,6 +30,7 @@ def test_ad_hoc_call_without_hook_does_not_fire_hooks(model, mlp, x, count_calls
     assert calls[0] == 1  # only the real forward pass
 
 
+@pytest.mark.same_process
 def test_ad_hoc_call_with_hook_fires_hooks(model, mlp, x, count_calls):
     with count_calls(mlp.layer2) as calls:
         with model.trace(x):

@@ -145,6 +145,7 @@ def test_creation_function_with_proxy_arguments(model, mlp, x, make):
     assert torch.equal(got.value, expected)
 
 
+@pytest.mark.same_process
 def test_randn_with_proxy_shape_draws_from_the_global_generator(model, mlp, x):
     torch.manual_seed(1234)
     with model.trace(x):

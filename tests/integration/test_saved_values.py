@@ -167,3 +167,14 @@ def test_saved_value_from_an_earlier_trace_is_usable_in_a_later_trace(model, mlp
         model.layer1.output[:] = h * -1
         out = model.output.save()
     assert torch.allclose(out.value, mlp.layer2(-mlp.layer1(x)))
+
+
+def test_a_saved_proxy_answers_isinstance_for_its_value_after_the_run(model, mlp, x):
+    with model.trace(x):
+        out = model.layer1.output.save()
+        assert not isinstance(out, torch.Tensor)  # while recording it is a proxy
+        norm = out.norm().item().save()
+    assert isinstance(out, torch.Tensor) and type(out) is raysight.Proxy
+    assert isinstance(norm, float)
+    with torch.no_grad():
+        assert round(norm, 3) == round(mlp.layer1(x).norm().item(), 3)

@@ -124,6 +124,7 @@ def test_trace_with_scan_uses_a_shape_to_build_a_tensor(tuple_model, tuple_net, 
     assert torch.allclose(z.value, seen["output"][1] + 1, atol=1e-6)
 
 
+@pytest.mark.same_process
 def test_trace_with_scan_runs_one_real_forward(model, mlp, x, count_real_calls):
     with count_real_calls(mlp) as calls:
         with model.trace(x, scan=True):

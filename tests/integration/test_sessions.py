@@ -179,6 +179,7 @@ def test_traces_run_in_definition_order(model, mlp, x, xb):
     assert torch.allclose(third, expected, atol=1e-6)
 
 
+@pytest.mark.same_process
 @pytest.mark.parametrize("predicate", [True, False])
 def test_session_cond_with_plain_predicate_around_a_trace(model, mlp, x, predicate):
     with _RealForwards(mlp) as calls:
@@ -197,6 +198,7 @@ def test_session_cond_with_plain_predicate_around_a_trace(model, mlp, x, predica
             out.value
 
 
+@pytest.mark.same_process
 @pytest.mark.parametrize("offset", [-1.0, 1.0], ids=["true", "false"])
 def test_session_cond_with_proxy_predicate_from_earlier_trace(model, mlp, x, offset):
     with torch.no_grad():
@@ -407,6 +409,7 @@ def test_stop_in_inner_loop_ends_inner_loop_only(model):
     assert seen.value == expected
 
 
+@pytest.mark.same_process
 @pytest.mark.parametrize("method", ["stop", "exit"])
 def test_session_stop_ends_the_session(model, mlp, x, method):
     with _RealForwards(mlp) as calls:

@@ -202,3 +202,30 @@ def test_fuzzed_payloads_never_crash_the_server_or_leave_hooks(model, data):
         pass  # refused, or the intervention failed on the server: both are raysight errors
     for module in model._module.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_a_saved_tensor_keeps_its_grad_through_the_reply():
+    from raysight.graph.serialize import decode_result, encode_result
+
+    leaf = torch.randn(2, 3, requires_grad=True)
+    hidden = leaf * 3
+    hidden.retain_grad()
+    hidden.sum().backward()
+    saved, _ = decode_result(encode_result({0: hidden, 1: leaf}, Limits()))
+    assert torch.equal(saved[0], hidden.detach()) and torch.equal(saved[0].grad, hidden.grad)
+    assert torch.equal(saved[1].grad, leaf.grad) and saved[1].requires_grad
+
+
+def test_a_grad_that_does_not_fit_its_tensor_is_a_wire_error():
+    from raysight.graph.serialize import decode_result, encode_result
+
+    t = torch.zeros(2, 3)
+    t.grad = torch.ones(2, 3)
+    payload = encode_result({0: t}, Limits())
+    header_len = int.from_bytes(payload[:8], "little")
+    header = msgpack.unpackb(bytes(payload[8 : 8 + header_len]), raw=False, strict_map_key=False)
+    header["saved"][0]["grad_value"]["shape"] = [3, 2]  # same bytes, another shape
+    new_header = msgpack.packb(header, use_bin_type=True)
+    forged = len(new_header).to_bytes(8, "little") + new_header + bytes(payload[8 + header_len :])
+    with pytest.raises(WireError, match="grad_value does not fit"):
+        decode_result(forged)

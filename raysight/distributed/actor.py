@@ -1,0 +1,98 @@
+"""ModelServer: the Ray actor that holds models and runs wire requests against them.
+
+An actor keeps every model it was sent (by the client's model key), loads real weights the first time one runs
+(``LanguageModel`` ships as a shape on the meta device and loads from its checkpoint here), and answers each request
+with the encoded saved values, or with a description of the error that a client turns back into an exception of
+the same type, carrying the user's line. The class is plain Python; :func:`actor_class` makes it a Ray actor
+class on first use, so importing this module does not import ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import traceback
+from typing import Any, Optional
+
+from raysight.backends.wire import serve
+from raysight.graph.schema import Limits
+
+logger = logging.getLogger(__name__)
+
+
+class ModelServer:
+    """One replica of a pool: ``run(payload, keys, refs)`` decodes a request against the models named by ``keys``
+    (loading the missing ones from ``refs``), runs it and returns ``("ok", result_bytes)`` or ``("error", info)``."""
+
+    def __init__(self, limits: Optional[Limits] = None, trusted: bool = True, device_map: Any = None,
+                 num_gpus: float = 0) -> None:  # fmt: skip
+        self.limits = limits or Limits()
+        self.trusted = trusted
+        self.device_map = device_map
+        self.num_gpus = num_gpus
+        self.models: dict[str, Any] = {}
+
+    def load(self, key: str, model_bytes: Any) -> str:
+        """Hold the model sent as ``model_bytes`` (cloudpickled) under ``key`` and load its weights now."""
+        if key not in self.models:
+            model = pickle.loads(model_bytes)
+            load_kwargs = model.__dict__.get("_load_kwargs")
+            if self.num_gpus and self.device_map is not None and isinstance(load_kwargs, dict):
+                load_kwargs.setdefault("device_map", self.device_map)  # shard over this actor's GPUs
+            self.models[key] = model
+        self.models[key]._ensure_dispatched()
+        return key
+
+    def run(self, payload: bytes, keys: list[str], refs: dict[str, Any]) -> tuple[str, Any]:
+        try:
+            import ray
+
+            for key in keys:
+                if key not in self.models:
+                    ref = refs[key]
+                    self.load(key, ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref)
+            result = serve(payload, lambda i: self.models[keys[i]], self.limits, self.trusted)
+            return "ok", bytes(result)
+        except Exception as exc:  # reported to the client, which raises it there with the same type and notes
+            return "error", error_info(exc)
+
+    def models_held(self) -> list[str]:
+        return list(self.models)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+def error_info(exc: BaseException) -> dict:
+    """What a client needs to raise ``exc`` again: its type by name, message, notes and the remote traceback."""
+    kind = type(exc)
+    cause = getattr(exc, "__cause__", None)
+    if type(exc).__name__.startswith("Remote") and cause is not None:  # RemoteExecutionError.wrap of the real error
+        kind = type(cause)
+    return {
+        "module": kind.__module__,
+        "name": kind.__qualname__,
+        "message": str(exc),
+        "notes": list(getattr(exc, "__notes__", [])),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "logs": getattr(exc, "_raysight_logs", ""),
+    }
+
+
+_ACTOR_CLASS: Any = None
+
+
+def actor_class() -> Any:
+    """``ray.remote(ModelServer)``, made once."""
+    global _ACTOR_CLASS
+    if _ACTOR_CLASS is None:
+        import ray
+
+        _ACTOR_CLASS = ray.remote(ModelServer)
+    return _ACTOR_CLASS

@@ -1,0 +1,230 @@
+"""Model actors and pools on a real local Ray cluster (SPEC §6): init, serve, pools, routing, replicas, dead actors,
+errors and logs coming back, and a LanguageModel that the client never loads."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+import raysight
+from helpers import MLP
+from lm_helpers import bert_tokenizer, build_lm, encode, oracle_forward
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(autouse=True)
+def _ray(ray_cluster: Any) -> None:
+    """Every test here runs against the session's local Ray cluster."""
+
+
+@pytest.fixture
+def mlp() -> MLP:
+    torch.manual_seed(0)
+    return MLP()
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+
+
+def _pid_of_run(model: raysight.NNsight, x: torch.Tensor) -> int:
+    with model.trace(x, remote=True):
+        pid = raysight.apply(os.getpid).save()
+    return pid.value
+
+
+def test_init_is_idempotent() -> None:
+    first = raysight.init()
+    again = raysight.init(num_cpus=64)  # already running: nothing changes
+    assert ray.is_initialized()
+    assert first.get_job_id() == again.get_job_id()
+    assert ray.cluster_resources()["CPU"] == 8  # what the first init asked for (tests/conftest.py)
+
+
+def test_remote_trace_returns_the_values_of_the_local_run(mlp: MLP, x: torch.Tensor) -> None:
+    model = raysight.NNsight(mlp)
+    with model.trace(x, remote=True):
+        hidden = model.layer1.output.clone().save()
+        model.layer1.output[:, :3] = 0
+        out = model.output.save()
+    with torch.no_grad():
+        h = mlp.layer1(x)
+        edited = h.clone()
+        edited[:, :3] = 0
+        expected = mlp.layer2(edited)
+    assert torch.allclose(hidden.value, h)
+    assert torch.allclose(out.value, expected)
+    assert _pid_of_run(model, x) != os.getpid()  # it really ran in another process
+
+
+def test_serve_starts_a_named_pool_that_runs_the_models_traces(mlp: MLP, x: torch.Tensor) -> None:
+    model = raysight.NNsight(mlp)
+    pool = raysight.serve(model, replicas=2, name="mlp-pool")
+    actors = pool.actors
+    try:
+        assert pool in raysight.pools() and pool.name == "mlp-pool"
+        pids = set(ray.get([actor.pid.remote() for actor in pool.actors]))
+        assert len(pids) == 2
+        for actor in pool.actors:  # serve loads the model on every replica up front
+            assert ray.get(actor.models_held.remote()) == [model.__dict__["_remote_key"]]
+        assert _pid_of_run(model, x) in pids
+        with model.trace(x, remote=True):
+            out = model.output.save()
+        with torch.no_grad():
+            assert torch.allclose(out.value, mlp(x))
+    finally:
+        pool.shutdown()
+    assert pool not in raysight.pools()
+    with pytest.raises(ray.exceptions.RayActorError):  # its actors are gone
+        ray.get(actors[0].pid.remote())
+
+
+def test_concurrent_requests_go_to_different_replicas(mlp: MLP, x: torch.Tensor) -> None:
+    model = raysight.NNsight(mlp)
+    pool = raysight.serve(model, replicas=2, name="mlp-concurrent")
+    barrier = threading.Barrier(2)
+    pids: list[int] = []
+
+    def slow_run() -> None:
+        barrier.wait()
+        with model.trace(x, remote=True):
+            raysight.apply(_sleep, 1.0)
+            pid = raysight.apply(os.getpid).save()
+        pids.append(pid.value)
+
+    try:
+        threads = [threading.Thread(target=slow_run) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert len(set(pids)) == 2, "two requests in flight at once should use both replicas"
+    finally:
+        pool.shutdown()
+
+
+def _sleep(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+def test_a_killed_actor_is_replaced_and_the_request_runs(mlp: MLP, x: torch.Tensor) -> None:
+    model = raysight.NNsight(mlp)
+    pool = raysight.serve(model, name="mlp-kill")
+    try:
+        before = _pid_of_run(model, x)
+        ray.kill(pool.actors[0])
+        with model.trace(x, remote=True):
+            out = model.output.save()
+        with torch.no_grad():
+            assert torch.allclose(out.value, mlp(x))
+        assert pool.restarts == 1
+        assert _pid_of_run(model, x) != before
+    finally:
+        pool.shutdown()
+
+
+def test_an_actor_dying_in_flight_is_retried_then_reported(mlp: MLP, x: torch.Tensor) -> None:
+    model = raysight.NNsight(mlp)
+    pool = raysight.serve(model, name="mlp-exit", max_retries=1)
+    try:
+        with pytest.raises(raysight.RemoteExecutionError, match=r"died 2 time\(s\)"):
+            with model.trace(x, remote=True):
+                raysight.apply(os._exit, 1)  # the process running the request ends
+        assert pool.restarts == 2  # retried once, and the pool replaced the second dead actor too
+        with model.trace(x, remote=True):  # the pool still serves
+            out = model.output.save()
+        with torch.no_grad():
+            assert torch.allclose(out.value, mlp(x))
+    finally:
+        pool.shutdown()
+
+
+def test_an_intervention_error_comes_back_with_its_type_and_the_users_line(mlp: MLP, x: torch.Tensor) -> None:
+    model = raysight.NNsight(mlp)
+    with pytest.raises(IndexError) as info:
+        with model.trace(x, remote=True):
+            model.layer1.output[:, 99].save()  # the line the error must name
+    assert isinstance(info.value, raysight.RemoteExecutionError)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "test_pools.py" in notes and "model.layer1.output[:, 99].save()" in notes
+    assert "traceback where it ran" in notes
+
+
+def test_raysight_errors_come_back_as_themselves(x: torch.Tensor) -> None:
+    class Late(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(5, 5)
+            self.b = torch.nn.Linear(5, 5)
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(h))
+
+    model = raysight.NNsight(Late())
+    with pytest.raises(raysight.OutOfOrderError, match="model.a.output"):
+        with model.trace(x, remote=True):
+            model.b.output.save()
+            model.a.output.save()
+
+
+def test_tracer_log_lines_reach_the_client(mlp: MLP, x: torch.Tensor, capsys: Any) -> None:
+    model = raysight.NNsight(mlp)
+    with model.trace(x, remote=True) as tracer:
+        tracer.log("shape", model.layer1.output.shape)
+    assert "shape torch.Size([3, 10])" in capsys.readouterr().out
+
+
+def test_a_pool_that_needs_more_gpus_than_a_node_has_is_refused(mlp: MLP) -> None:
+    with pytest.raises(ValueError, match=r"asks for 1 GPU\(s\), but the largest node of the cluster has 0"):
+        raysight.serve(raysight.NNsight(mlp), num_gpus=1, name="too-big")
+    assert "too-big" not in [p.name for p in raysight.pools()]
+
+
+def test_a_pool_larger_than_the_cluster_is_refused(mlp: MLP) -> None:
+    with pytest.raises(ValueError, match=r"need 16 CPUs, but the whole cluster has 8"):
+        raysight.serve(raysight.NNsight(mlp), replicas=16, name="too-many")
+
+
+def test_a_pool_that_cannot_start_in_time_says_what_is_missing(mlp: MLP) -> None:
+    with pytest.raises(TimeoutError, match=r"did not start and load the model within 2 s .* CPUs .* free"):
+        raysight.serve(raysight.NNsight(mlp), replicas=1, num_cpus=8, name="no-room", start_timeout_s=2)
+    assert "no-room" not in [p.name for p in raysight.pools()]
+
+
+def test_a_second_pool_of_the_same_name_is_refused(mlp: MLP) -> None:
+    pool = raysight.serve(raysight.NNsight(mlp), name="twice")
+    try:
+        with pytest.raises(ValueError, match="a pool named 'twice' is already running"):
+            raysight.serve(raysight.NNsight(mlp), name="twice")
+    finally:
+        pool.shutdown()
+
+
+def test_remote_must_be_true_false_or_local(mlp: MLP, x: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="remote='yes'"):
+        raysight.NNsight(mlp).trace(x, remote="yes")
+
+
+def test_a_language_model_run_remotely_is_never_loaded_on_the_client(tmp_path: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tok = bert_tokenizer()
+    path = build_lm("gpt2", tmp_path / "gpt2", tok)
+    model = raysight.LanguageModel(str(path))
+    with model.trace("a remote prompt", remote=True):
+        hidden = model.transformer.h[0].output.save()
+        logits = model.output.logits.save()
+    assert not model.dispatched
+    assert all(p.device.type == "meta" for p in model._module.parameters())
+    ref = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    expected = oracle_forward(ref, encode(ref, tok, "a remote prompt"))
+    assert torch.allclose(logits.value, expected.logits, atol=1e-5)
+    assert torch.allclose(hidden.value, expected.hidden_states[1], atol=1e-5)
