@@ -12,7 +12,7 @@ import torch
 
 import raysight
 from helpers import MLP
-from lm_helpers import bert_tokenizer, build_lm, encode, oracle_forward
+from lm_helpers import bert_tokenizer, build_lm, encode, oracle_forward, oracle_generate
 
 ray = pytest.importorskip("ray")
 
@@ -228,3 +228,31 @@ def test_a_language_model_run_remotely_is_never_loaded_on_the_client(tmp_path: A
     expected = oracle_forward(ref, encode(ref, tok, "a remote prompt"))
     assert torch.allclose(logits.value, expected.logits, atol=1e-5)
     assert torch.allclose(hidden.value, expected.hidden_states[1], atol=1e-5)
+
+
+def test_session_remote_true_runs_every_trace_on_the_actor(mlp: MLP, x: torch.Tensor) -> None:
+    model = raysight.NNsight(mlp)
+    with model.session(remote=True):
+        with model.trace(x):
+            hidden = model.layer1.output  # not saved: passed on inside the session, on the actor
+            pid = raysight.apply(os.getpid).save()
+        with model.trace(x):
+            model.layer1.output = hidden * 2
+            out = model.output.save()
+    with torch.no_grad():
+        assert torch.allclose(out.value, mlp.layer2(mlp.layer1(x) * 2))
+    assert pid.value != os.getpid()
+
+
+def test_generate_remote_true_matches_plain_generate(tmp_path: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tok = bert_tokenizer()
+    path = build_lm("llama", tmp_path / "llama", tok)
+    model = raysight.LanguageModel(str(path))
+    with model.generate("the cat sat", max_new_tokens=3, remote=True):
+        tokens = model.generator.output.save()
+    assert not model.dispatched
+    ref = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    expected = oracle_generate(ref, encode(ref, tok, "the cat sat"), 3, exact=False)
+    assert torch.equal(tokens.value, expected)
