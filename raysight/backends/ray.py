@@ -73,7 +73,7 @@ def serve(
         pool.shutdown()
         raise
     with reg.lock:
-        reg.serving[key] = name
+        reg.serving[key.rpartition("-")[0]] = name  # by the model, whatever is attached to it later
     logger.info("pool %r serves %s with %d replica(s)", name, _model_name(model), replicas)
     return pool
 
@@ -119,8 +119,9 @@ class RayBackend:
                     raise ValueError(f"no pool named {self.pool!r} is running; running pools: {sorted(reg.pools)}")
                 return reg.pools[self.pool]
             for key in keys:  # a session runs where its first served model is
-                if key in reg.serving:
-                    return reg.pools[reg.serving[key]]
+                name = reg.serving.get(key.rpartition("-")[0])
+                if name is not None:
+                    return reg.pools[name]
             pool = reg.pools.get(DEFAULT_POOL)
             if pool is None:
                 logger.info("starting the default pool %r (one replica)", DEFAULT_POOL)
@@ -129,11 +130,13 @@ class RayBackend:
 
 
 def model_key(model: Any) -> str:
-    """The name a model goes by on the actors (an edited copy shares its model's key: edits travel per request)."""
-    key = model.__dict__.get("_remote_key")
-    if key is None:
-        key = model.__dict__["_remote_key"] = uuid.uuid4().hex
-    return key
+    """The name a model goes by on the actors (an edited copy shares its model's key: edits travel per request).
+    A module attached to the tree after the model was sent (``model.layer.sae = SAE()``) makes a new key, so the
+    actors get the model again, with it."""
+    base = model.__dict__.get("_remote_key")
+    if base is None:
+        base = model.__dict__["_remote_key"] = uuid.uuid4().hex
+    return f"{base}-{len(model.__dict__.get('_by_path', ()))}"
 
 
 def model_ref(model: Any, key: str) -> Any:

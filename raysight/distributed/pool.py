@@ -201,7 +201,7 @@ class _Registry:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.pools: dict[str, Pool] = {}
-        self.serving: dict[str, str] = {}  # model key -> pool name
+        self.serving: dict[str, str] = {}  # model (the key's first part) -> pool name
         self.refs: dict[str, Any] = {}  # model key -> ObjectRef of the pickled model
         self.cluster: Optional[str] = None  # the Ray job these belong to
 
@@ -220,7 +220,7 @@ class _Registry:
         with self.lock:
             if self.pools.get(pool.name) is pool:
                 del self.pools[pool.name]
-            for key in [k for k, name in self.serving.items() if name == pool.name]:
+            for key in [k for k, name in self.serving.items() if name == pool.name]:  # (keys of models)
                 del self.serving[key]
 
 

@@ -12,6 +12,7 @@ import torch
 
 import raysight
 from helpers import MLP
+from raysight.backends.ray import model_key
 from lm_helpers import bert_tokenizer, build_lm, encode, oracle_forward, oracle_generate
 
 ray = pytest.importorskip("ray")
@@ -72,7 +73,7 @@ def test_serve_starts_a_named_pool_that_runs_the_models_traces(mlp: MLP, x: torc
         pids = set(ray.get([actor.pid.remote() for actor in pool.actors]))
         assert len(pids) == 2
         for actor in pool.actors:  # serve loads the model on every replica up front
-            assert ray.get(actor.models_held.remote()) == [model.__dict__["_remote_key"]]
+            assert ray.get(actor.models_held.remote()) == [model_key(model)]
         assert _pid_of_run(model, x) in pids
         with model.trace(x, remote=True):
             out = model.output.save()
@@ -256,3 +257,16 @@ def test_generate_remote_true_matches_plain_generate(tmp_path: Any) -> None:
     ref = AutoModelForCausalLM.from_pretrained(str(path)).eval()
     expected = oracle_generate(ref, encode(ref, tok, "the cat sat"), 3, exact=False)
     assert torch.equal(tokens.value, expected)
+
+
+def test_a_module_attached_after_a_remote_run_reaches_the_actor(mlp: MLP, x: torch.Tensor) -> None:
+    model = raysight.NNsight(mlp)
+    with model.trace(x, remote=True):
+        model.output.save()
+    torch.manual_seed(3)
+    probe = torch.nn.Linear(10, 4)
+    model.layer1.probe = probe  # attached after the model was sent
+    with model.trace(x, remote=True):
+        read = model.layer1.probe(model.layer1.output).save()
+    with torch.no_grad():
+        assert torch.allclose(read.value, probe(mlp.layer1(x)))

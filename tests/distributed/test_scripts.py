@@ -1,6 +1,7 @@
-"""A pool spread over the nodes of a real multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head and a second
-node, each with one CPU). Run in a subprocess, because a driver connects to one cluster at a time and the rest of
-the suite shares the local cluster of ``tests/conftest.py``."""
+"""Ray as a user's script meets it, each in a subprocess (a driver connects to one cluster at a time, and the rest of
+the suite shares the local cluster of ``tests/conftest.py``): a pool spread over the nodes of a real multi-node
+cluster (``ray.cluster_utils.Cluster``: a head and a second node, one CPU each), and a function of the script itself
+(``__main__``) used in a remote graph."""
 
 from __future__ import annotations
 
@@ -49,3 +50,31 @@ def test_a_pool_spreads_over_two_nodes_and_returns_local_values() -> None:
                           cwd=str(tests.parent))  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert "MULTINODE OK 2" in done.stdout
+
+
+SCRIPT_FUNCTION = textwrap.dedent(
+    """
+    import torch, raysight
+
+    def double(t):  # defined in the script (__main__): travels by value
+        return t * 2
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    model = raysight.NNsight(net)
+    x = torch.randn(2, 3)
+    raysight.init(num_cpus=1)
+    with model.trace(x, remote=True):
+        out = raysight.apply(double, model.output).save()
+    with torch.no_grad():
+        assert torch.allclose(out.value, net(x) * 2)
+    print("SCRIPT FUNCTION OK")
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_function_of_the_users_script_runs_on_the_actor() -> None:
+    done = subprocess.run([sys.executable, "-c", SCRIPT_FUNCTION], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "SCRIPT FUNCTION OK" in done.stdout
