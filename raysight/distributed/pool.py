@@ -144,7 +144,6 @@ class Pool:
             try:
                 status, value = ray.get(actor.run.remote(payload, keys, refs))
             except ray.exceptions.RayActorError as exc:
-                self._release(index)
                 self._replace(index, actor)  # the pool stays whole whatever happens to this request
                 if attempt + 1 == attempts:
                     raise RemoteExecutionError(
@@ -154,7 +153,8 @@ class Pool:
                 logger.warning("pool %r: replica %d died (%s); replaced it, retrying", self.name, index,
                                type(exc).__name__)  # fmt: skip
                 continue
-            self._release(index)
+            finally:  # also when the client is interrupted while it waits
+                self._release(index)
             if status == "error":
                 from raysight.backends.wire import relay_logs
 
