@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from raysight.errors import TraceError
-from raysight.graph.node import CALL_MODULE, PARAM, READ, WRITE
+from raysight.graph.node import CALL_FUNCTION, CALL_MODULE, PARAM, READ, WRITE
 from raysight.graph.proxy import _CURRENT, Proxy, current_recorder
 
 
@@ -85,7 +85,7 @@ class Envoy:
 
     def _add_child(self, name: str, module: torch.nn.Module) -> "Envoy":
         path = f"{self._path}.{name}" if self._path else name
-        child = Envoy(module, path, self._root)
+        child = (_ListEnvoy if type(module) is torch.nn.ModuleList else Envoy)(module, path, self._root)
         if name in self._children:
             self._index[self._index.index(self._children[name])] = child
         else:
@@ -263,6 +263,26 @@ class Envoy:
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(dir(self._module)))
+
+
+class _ChildOutputs(_ModuleValue):
+    """``.output`` of a ModuleList (which never runs itself): the list of its children's outputs, as in nnsight 0.4
+    (``model.layers.output[3]`` is block 3's output)."""
+
+    def __get__(self, envoy: Optional["Envoy"], owner: Any = None) -> Any:
+        if envoy is None:
+            return self
+        child = envoy.__dict__.get("output")
+        if child is not None:
+            return child
+        outputs = [c.output for c in envoy._index]
+        return envoy._recorder("output").record(CALL_FUNCTION, list, (outputs,))
+
+
+class _ListEnvoy(Envoy):
+    """The envoy of a ``torch.nn.ModuleList``."""
+
+    output = _ChildOutputs("output", _ChildOutputs.__doc__ or "")
 
 
 class _CallSelector:

@@ -376,7 +376,6 @@ def test_model_private_model_attribute_is_the_wrapped_module(tiny, net):
     assert tiny._model is net
 
 
-@pytest.mark.xfail(strict=True, reason="ModuleList envoy .output is not the list of its children's outputs (0.4)")
 def test_modulelist_output_is_the_list_of_its_childrens_outputs():
     torch.manual_seed(0)
 
