@@ -23,6 +23,7 @@ ERROR_TYPES = [
 def test_import_raysight_does_not_import_ray_or_transformers():
     code = (
         "import sys, raysight\n"
+        "raysight.init, raysight.serve, raysight.pools  # the Ray door itself imports ray only when called\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'transformers'))\n"
         "print(repr(heavy))\n"
     )
@@ -65,3 +66,26 @@ def test_raised_structure_error_pickles(model, x):
     back = pickle.loads(pickle.dumps(info.value))
     assert type(back) is raysight.StructureError
     assert str(back) == str(info.value)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_an_error_reported_by_an_actor_is_rebuilt_with_its_type_and_notes():
+    from raysight.distributed.actor import error_info
+
+    try:
+        try:
+            [][1]
+        except IndexError as exc:
+            exc.add_note("raysight: while running %3, created at x.py:7")
+            raise raysight.RemoteExecutionError.wrap(exc) from exc
+    except raysight.RemoteExecutionError as remote:
+        info = error_info(remote)
+    back = raysight.RemoteExecutionError.rebuild(pickle.loads(pickle.dumps(info)))
+    assert isinstance(back, IndexError) and isinstance(back, raysight.RemoteExecutionError)
+    assert "list index out of range" in str(back)
+    assert back.__notes__[0] == "raysight: while running %3, created at x.py:7"
+    assert "traceback where it ran" in back.__notes__[-1]
+    own = raysight.RemoteExecutionError.rebuild(error_info(raysight.OutOfOrderError("model.a.output was read")))
+    assert type(own) is raysight.OutOfOrderError and str(own) == "model.a.output was read"
+    unknown = raysight.RemoteExecutionError.rebuild({"module": "nowhere", "name": "Gone", "message": "m"})
+    assert type(unknown) is raysight.RemoteExecutionError
