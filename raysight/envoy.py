@@ -22,40 +22,21 @@ from raysight.graph.proxy import _CURRENT, Proxy, current_recorder
 
 class _ModuleValue:
     """``envoy.output`` / ``.input`` / ``.inputs``: reading records a READ of that value of the module in the trace
-    recording now, assigning records a WRITE. (A descriptor rather than a property: reading a module value is the
-    most frequent thing a trace does, and this makes it one call.)"""
+    recording now (assigning is ``Envoy.__setattr__``'s: it records a WRITE). A descriptor rather than a property:
+    reading a module value is the most frequent thing a trace does, and this makes it one call. It is a non-data
+    descriptor, so a child module of the same name, kept in the envoy's ``__dict__``, shadows it for free."""
 
-    def __init__(self, key: str, doc: str, mountable: bool = True) -> None:
+    def __init__(self, key: str, doc: str) -> None:
         self.key = key
         self.__doc__ = doc
-        self.mountable = mountable  # False for nns_output & co, which always mean the value
 
     def __get__(self, envoy: Optional["Envoy"], owner: Any = None) -> Any:
         if envoy is None:
             return self
-        if self.mountable:
-            child = envoy.__dict__.get(self.key)  # a child module of this name is mounted here (nnsight 0.4)
-            if child is not None:
-                return child
         rec = _CURRENT.get()
         if rec is None or not rec.recording or rec.root_module is not envoy._root._module:
             rec = envoy._recorder(self.key)  # raises the error that says what is wrong, or allows a session
         return rec.record_access(READ, envoy._path, self.key)
-
-    def __set__(self, envoy: "Envoy", value: Any) -> None:
-        if self.mountable and self.key in envoy.__dict__:
-            if isinstance(value, torch.nn.Module):  # replace the child module of this name
-                envoy._module.add_module(self.key, value)
-                envoy._add_child(self.key, value)
-                return
-            raise TraceError(
-                f"{envoy._describe()} has a child module named {self.key!r}, so `.{self.key}` is that module; set "
-                f"the module's own {self.key} with `.nns_{self.key} = ...`"
-            )
-        rec = _CURRENT.get()
-        if rec is None or not rec.recording or rec.root_module is not envoy._root._module:
-            rec = envoy._recorder(self.key)
-        rec.record_access(WRITE, envoy._path, self.key, (value,))
 
 
 _VALUE_NAMES = ("output", "input", "inputs")
@@ -164,9 +145,9 @@ class Envoy:
     input = _ModuleValue("input", "The module's first positional argument (or its first keyword argument when "
                          "called without any).")  # fmt: skip
     inputs = _ModuleValue("inputs", "All of the module's arguments as ``((args...), {kwargs})``.")
-    nns_output = _ModuleValue("output", "``.output``, also when a child module is named ``output``.", False)
-    nns_input = _ModuleValue("input", "``.input``, also when a child module is named ``input``.", False)
-    nns_inputs = _ModuleValue("inputs", "``.inputs``, also when a child module is named ``inputs``.", False)
+    nns_output = _ModuleValue("output", "``.output``, also when a child module is named ``output``.")
+    nns_input = _ModuleValue("input", "``.input``, also when a child module is named ``input``.")
+    nns_inputs = _ModuleValue("inputs", "``.inputs``, also when a child module is named ``inputs``.")
 
     def next(self, steps: int = 1) -> "Envoy":
         """Later accesses of this module and its descendants refer to their next call (chainable)."""
@@ -213,8 +194,18 @@ class Envoy:
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _VALUE_NAMES or name in _NNS_NAMES:
-            object.__setattr__(self, name, value)
+        mounted = name in _VALUE_NAMES and name in self.__dict__  # a child module of this name is mounted there
+        if mounted and not isinstance(value, torch.nn.Module):
+            raise TraceError(
+                f"{self._describe()} has a child module named {name!r}, so `.{name}` is that module; set the "
+                f"module's own {name} with `.nns_{name} = ...`"
+            )
+        if not mounted and (name in _VALUE_NAMES or name in _NNS_NAMES):  # a WRITE of the module's value
+            key = name[4:] if name in _NNS_NAMES else name
+            rec = _CURRENT.get()
+            if rec is None or not rec.recording or rec.root_module is not self._root._module:
+                rec = self._recorder(key)
+            rec.record_access(WRITE, self._path, key, (value,))
         elif isinstance(value, torch.nn.Module):
             self._module.add_module(name, value)
             self._add_child(name, value)
@@ -272,9 +263,6 @@ class _ChildOutputs(_ModuleValue):
     def __get__(self, envoy: Optional["Envoy"], owner: Any = None) -> Any:
         if envoy is None:
             return self
-        child = envoy.__dict__.get("output")
-        if child is not None:
-            return child
         outputs = [c.output for c in envoy._index]
         return envoy._recorder("output").record(CALL_FUNCTION, list, (outputs,))
 

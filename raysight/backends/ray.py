@@ -9,15 +9,16 @@ errors as the same exception types, with the user's line and the remote tracebac
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import uuid
 from typing import Any, Optional, Union
 
 from raysight.backends.base import Request
+from raysight.backends.wire import relay_logs
 from raysight.distributed.pool import DEFAULT_POOL, NAMESPACE, Pool, PoolConfig, registry
 from raysight.graph.schema import Limits
-from raysight.backends.wire import relay_logs
 from raysight.graph.serialize import decode_result, encode_request
 
 logger = logging.getLogger(__name__)
@@ -164,14 +165,10 @@ def _model_name(model: Any) -> str:
     return type(model.__dict__.get("_module", model)).__name__
 
 
-_DEFAULT: Optional[RayBackend] = None
-
-
+@functools.cache
 def default_ray_backend() -> RayBackend:
-    global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = RayBackend()
-    return _DEFAULT
+    """The backend of ``remote=True`` (one per process)."""
+    return RayBackend()
 
 
 __all__ = ["RayBackend", "default_ray_backend", "init", "pools", "serve"]

@@ -9,6 +9,7 @@ part a model actor runs.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import sys
 import time
@@ -100,14 +101,10 @@ class WireBackend:
         return server
 
 
-_DEFAULT: Optional[WireBackend] = None
-
-
+@functools.cache
 def default_wire_backend() -> WireBackend:
-    global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = WireBackend()
-    return _DEFAULT
+    """The backend of ``remote="local"`` (one per process)."""
+    return WireBackend()
 
 
 __all__ = ["WireBackend", "WireError", "default_wire_backend", "relay_logs", "serve"]

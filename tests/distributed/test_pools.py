@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import MLP
+from lm_helpers import bert_tokenizer, build_lm, encode, oracle_forward, oracle_generate
 
 import raysight
-from helpers import MLP
 from raysight.backends.ray import model_key
-from lm_helpers import bert_tokenizer, build_lm, encode, oracle_forward, oracle_generate
 
 ray = pytest.importorskip("ray")
 

@@ -212,18 +212,6 @@ def test_session_apply_value_bridged_into_a_trace(tiny, tx):
     assert torch.all(l1_out.value == 0)
 
 
-def test_sequential_loop_stop_then_continue(tiny):
-    with tiny.session() as session:
-        l = nnsight.list().save()
-        l.append(0)
-        with session.iter([1, 2, 3, 4]) as item:
-            with session.cond(item == 3):
-                session.stop()
-            l.append(item)
-        l.append(5)
-    assert list(l.value) == [0, 1, 2, 5]
-
-
 def test_tracer_stop_leaves_a_later_computation_unset(tiny, tx):
     with tiny.trace(tx) as tracer:
         l1_out = tiny.layer1.output
