@@ -16,7 +16,7 @@ import uuid
 from typing import Any, Optional, Union
 
 from raysight.backends.base import Request
-from raysight.backends.wire import relay_logs
+from raysight.backends.wire import edits_set_aside, relay_logs
 from raysight.distributed.pool import DEFAULT_POOL, NAMESPACE, Pool, PoolConfig, registry
 from raysight.graph.schema import Limits
 from raysight.graph.serialize import decode_result, encode_request
@@ -148,12 +148,8 @@ def model_ref(model: Any, key: str) -> Any:
     reg = registry()
     ref = reg.refs.get(key)
     if ref is None:
-        edits = model.__dict__.get("_edits", [])
-        model.__dict__["_edits"] = []  # edits travel with each request, not with the model
-        try:
+        with edits_set_aside(model):
             data = cloudpickle.dumps(model)
-        finally:
-            model.__dict__["_edits"] = edits
         ref = reg.refs[key] = ray.put(data)
     return ref
 

@@ -8,13 +8,14 @@ part a model actor runs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
 import sys
 import time
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from raysight.backends.base import Request
 from raysight.errors import RaysightError, RemoteExecutionError
@@ -31,6 +32,18 @@ def serve(payload: bytes, resolve_model: Callable[[int], Any], limits: Limits, t
     except BaseException as exc:
         exc._raysight_logs = logs.getvalue()  # type: ignore[attr-defined]
         raise
+
+
+@contextlib.contextmanager
+def edits_set_aside(model: Any) -> Iterator[Any]:
+    """``model`` without its persistent edits inside the block: a copy sent to a server leaves them behind, because
+    they travel with each request."""
+    edits = model.__dict__.get("_edits", [])
+    model.__dict__["_edits"] = []
+    try:
+        yield model
+    finally:
+        model.__dict__["_edits"] = edits
 
 
 def relay_logs(logs: Any) -> None:
@@ -91,12 +104,8 @@ class WireBackend:
     def _server_copy(self, model: Any) -> Any:
         server = self._servers.get(model)
         if server is None:
-            edits = model.__dict__.get("_edits", [])
-            model.__dict__["_edits"] = []  # edits travel with each request, not with the copy
-            try:
+            with edits_set_aside(model):
                 server = copy.deepcopy(model)
-            finally:
-                model.__dict__["_edits"] = edits
             self._servers[model] = server
         return server
 
