@@ -51,14 +51,18 @@ def __getattr__(name: str) -> object:
         import raysight.backends.ray as ray_backend
 
         return getattr(ray_backend, name)
-    if name == "train":
-        import raysight.train as train
+    if name in ("train", "data"):
+        import importlib
 
-        return train
+        return importlib.import_module(f"raysight.{name}")
+    if name == "extract":
+        from raysight.data.extract import extract
+
+        return extract
     raise AttributeError(f"module 'raysight' has no attribute {name!r}")
 
 __all__ = [
-    "NNsight", "LanguageModel", "init", "serve", "pools", "Proxy", "Graph", "Node", "Op", "Location",
+    "NNsight", "LanguageModel", "init", "serve", "pools", "extract", "Proxy", "Graph", "Node", "Op", "Location",
     "apply", "log", "stop", "cond",
     "list", "dict", "tuple", "set", "int", "float", "str", "bool", "bytes", "bytearray", "complex",
     "RaysightError", "TraceError", "OutOfOrderError", "InterventionError", "StructureError", "MissedProviderError",

@@ -141,7 +141,7 @@ def ray_cluster() -> Any:
     import raysight
 
     here = pathlib.Path(__file__).resolve().parent
-    paths = [str(here), str(here / "integration"), str(here / "distributed"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    paths = [str(here), str(here / "integration"), str(here / "distributed"), str(here / "data"), *filter(None, [os.environ.get("PYTHONPATH")])]
     raysight.init(num_cpus=8, runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}})
     yield ray
     ray.shutdown()

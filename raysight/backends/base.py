@@ -13,12 +13,13 @@ from raysight.graph.graph import Graph
 class InvokeInputs:
     """One invoke's prepared inputs and how many batch rows they are."""
 
-    __slots__ = ("args", "kwargs", "batch_size")
+    __slots__ = ("args", "kwargs", "batch_size", "raw")
 
-    def __init__(self, args: tuple, kwargs: dict, batch_size: int) -> None:
+    def __init__(self, args: tuple, kwargs: dict, batch_size: int, raw: Optional[tuple] = None) -> None:
         self.args = args
         self.kwargs = kwargs
         self.batch_size = batch_size
+        self.raw = raw  # what the user gave (inputs, kwargs) before preparation; extraction rebinds it per batch
 
     def __repr__(self) -> str:
         return f"InvokeInputs(batch_size={self.batch_size}, {len(self.args)} args, keys {list(self.kwargs)})"

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from raysight.backends.wire import serve
 from raysight.graph.schema import Limits
+from raysight.graph.serialize import decode_request
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class ModelServer:
         self.device_map = device_map
         self.num_gpus = num_gpus
         self.models: dict[str, Any] = {}
+        self.jobs: dict[str, Any] = {}  # extraction jobs, decoded: (request, ShardJob)
 
     def load(self, key: str, model_bytes: Any) -> str:
         """Hold the model sent as ``model_bytes`` (cloudpickled) under ``key`` and load its weights now."""
@@ -46,16 +48,46 @@ class ModelServer:
 
     def run(self, payload: bytes, keys: list[str], refs: dict[str, Any]) -> tuple[str, Any]:
         try:
-            import ray
-
-            for key in keys:
-                if key not in self.models:
-                    ref = refs[key]
-                    self.load(key, ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref)
+            self._hold(keys, refs)
             result = serve(payload, lambda i: self.models[keys[i]], self.limits, self.trusted)
             return "ok", bytes(result)
         except Exception as exc:  # reported to the client, which raises it there with the same type and notes
             return "error", error_info(exc)
+
+    def extract(self, job_key: str, job_ref: Any, first_id: int, batch: dict, keys: list[str],
+                refs: dict[str, Any]) -> tuple[str, Any]:  # fmt: skip
+        """One shard of an extraction: ``batch`` (rows from ``first_id``) through the job's graph, as an Arrow table.
+        The job (graph, input template, outputs) is decoded once per actor and kept for the job's other shards."""
+        try:
+            self._hold(keys, refs)
+            decoded, job = self._extraction(job_key, job_ref, keys)
+            model = self.models[keys[decoded.model]]
+            return "ok", run_extraction_shard(model, decoded, job, first_id, batch, self.limits)
+        except Exception as exc:
+            return "error", error_info(exc)
+
+    def _hold(self, keys: list[str], refs: dict[str, Any]) -> None:
+        import ray
+
+        for key in keys:
+            if key not in self.models:
+                ref = refs[key]
+                self.load(key, ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref)
+
+    def _extraction(self, job_key: str, job_ref: Any, keys: list[str]) -> tuple[Any, Any]:
+        job = self.jobs.get(job_key)
+        if job is None:
+            import ray
+
+            if not self.trusted:
+                raise PermissionError("extraction sends its input template and preprocess by value; this pool is "
+                                      "restricted (trusted=False): serve the model with trusted=True to extract")
+            payload, shard_job = pickle.loads(ray.get(job_ref) if isinstance(job_ref, ray.ObjectRef) else job_ref)
+            decoded = decode_request(payload, self.limits, True, lambda i: self.models[keys[i]])
+            job = self.jobs[job_key] = (decoded, shard_job)
+            while len(self.jobs) > 4:  # an actor serves a few jobs at a time; the oldest is done
+                self.jobs.pop(next(iter(self.jobs)))
+        return job
 
     def models_held(self) -> list[str]:
         return list(self.models)
@@ -67,6 +99,19 @@ class ModelServer:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+
+def run_extraction_shard(model: Any, decoded: Any, job: Any, first_id: int, batch: dict, limits: Limits) -> Any:
+    """Run one shard of a decoded extraction job on ``model``, with the client's edits, as :func:`serve` does."""
+    from raysight.data.shard import run_shard
+
+    model.__dict__["_edits"] = decoded.edits.get(decoded.model, [])
+    # (tracer.log lines print on the actor, whose output Ray forwards to the driver)
+    table = run_shard(model, decoded.graph, decoded.forward_kwargs, decoded.method, job, first_id, batch)
+    if table.nbytes > limits.max_saved_bytes:
+        raise ValueError(f"a shard's rows take {table.nbytes} bytes, over the pool's limit of "
+                         f"{limits.max_saved_bytes}; use a smaller batch_size or raise Limits.max_saved_bytes")
+    return table
 
 
 def error_info(exc: BaseException) -> dict:

@@ -131,6 +131,11 @@ class Pool:
     # -- requests -------------------------------------------------------------------------------------------
     def run(self, payload: bytes, keys: list[str], refs: dict[str, Any]) -> bytes:
         """Send one encoded request; return the encoded result (raises the run's error as the client's)."""
+        return self.call("run", keys, refs, payload)
+
+    def call(self, method: str, keys: list[str], refs: dict[str, Any], *args: Any) -> Any:
+        """Call the actor method ``method(*args, keys, refs)`` on the replica with the fewest requests in flight;
+        a dead replica is replaced and the call retried; an error it reports is raised here as the client's."""
         import ray
 
         if self.closed:
@@ -142,7 +147,7 @@ class Pool:
             index = self._acquire()
             actor = self._actors[index]
             try:
-                status, value = ray.get(actor.run.remote(payload, keys, refs))
+                status, value = ray.get(getattr(actor, method).remote(*args, keys, refs))
             except ray.exceptions.RayActorError as exc:
                 self._replace(index, actor)  # the pool stays whole whatever happens to this request
                 if attempt + 1 == attempts:

@@ -453,6 +453,7 @@ class Invoker:
         if "scan" in kwargs:
             kwargs = dict(kwargs)
             scan = kwargs.pop("scan") or scan
+        raw = (inputs, kwargs)
         if tracer._session is not None and _has_proxy((inputs, kwargs)):  # a session value: prepared when it runs
             args, kwargs, batch_size = tracer._to_arg(inputs), tracer._to_arg(kwargs), -1
         else:
@@ -464,7 +465,7 @@ class Invoker:
             self.scan = tracer.scan_inputs(args, kwargs)
         tracer._full_scan = None
         self.index = len(tracer.invokes)
-        tracer.invokes.append(InvokeInputs(args, kwargs, batch_size))
+        tracer.invokes.append(InvokeInputs(args, kwargs, batch_size, raw))
         node = tracer.graph.add(INVOKE, self.index)
         tracer.graph.enter(node)
         tracer._invoker = self
