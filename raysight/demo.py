@@ -4,7 +4,7 @@ then run the same trace on a Ray actor of a local Ray cluster started in this pr
     python -m raysight.demo            # local, then on Ray
     python -m raysight.demo --no-ray   # local only
 
-Needs no download and no GPU. (Later issues turn this into the Ray extraction job.)
+Needs no download and no GPU. The main job (extraction over a dataset) is ``jobs/extract.py``.
 """
 
 from __future__ import annotations
