@@ -93,9 +93,11 @@ def pools() -> list[Pool]:
 class RayBackend:
     """``model.trace(..., remote=True)``: run on the pool serving the model (``pool=`` to choose one)."""
 
-    def __init__(self, pool: Union[str, Pool, None] = None, trusted: bool = True) -> None:
+    def __init__(self, pool: Union[str, Pool, None] = None, trusted: bool = True, split: bool = True) -> None:
         self.pool = pool
         self.trusted = trusted
+        self.split = split  # sessions: independent parts run as concurrent tasks (SPEC §7); False: one actor
+        self.last_plan: Any = None  # how the last split session ran (distributed.planner.Plan)
 
     def __call__(self, model: Any, request: Request) -> dict[int, Any]:
         init()
@@ -105,6 +107,16 @@ class RayBackend:
                                  model=None if request.method == "session" else model)  # fmt: skip
         keys = [model_key(m) for m in models]
         refs = {key: model_ref(m, key) for m, key in zip(models, keys)}
+        if request.method == "session" and self.split:
+            from raysight.distributed.planner import Plan, plan_session, run_split
+
+            parts, pools = plan_session(request.graph, lambda m: self._pool_for([model_key(m)] if m else []))
+            if len(parts) > 1:
+                self.last_plan = Plan(parts, [p.name for p in pools])
+                logger.debug("%s", self.last_plan)
+                index = {id(m): i for i, m in enumerate(models)}
+                return run_split(payload, parts, pools, lambda m: index[id(m)], keys, refs)
+            self.last_plan = Plan(parts, [pools[0].name])
         result = self._pool_for(keys).run(payload, keys, refs)
         saved, logs = decode_result(result)
         relay_logs(logs)

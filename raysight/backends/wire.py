@@ -77,6 +77,37 @@ def _serve(payload: bytes, resolve_model: Callable[[int], Any], limits: Limits, 
     return encode_result(saved, limits, [text] if text else [])
 
 
+def serve_part(payload: bytes, resolve_model: Callable[[int], Any], limits: Limits, trusted: bool, part: dict,
+               given: dict[int, Any]) -> tuple[bytes, dict[int, Any]]:  # fmt: skip
+    """The server half of one part of a split session (``part``: its top-level ``nodes``, the ``models`` it runs and
+    the node values it ``exports`` to later parts; ``given``: what earlier parts exported to it). Returns the encoded
+    reply for the client (the values the user saved) and the exports, which travel to the next actor, not here."""
+    logs = io.StringIO()
+    try:
+        decoded = decode_request(payload, limits, trusted, resolve_model)
+        for i in part["models"]:
+            resolve_model(i).__dict__["_edits"] = decoded.edits.get(i, [])
+        nodes = decoded.graph.nodes
+        wanted = {n.index for n in nodes if n.saved}
+        for i in part["exports"]:
+            nodes[i].saved = True  # kept to the end of this part (this graph is the server's own copy)
+        deadline = time.monotonic() + limits.max_seconds if limits.max_seconds else None
+        try:
+            values = run_session(decoded.graph, deadline=deadline, log_to=logs,
+                                 body=[nodes[i] for i in part["nodes"]], given=given)  # fmt: skip
+        except (RaysightError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise RemoteExecutionError.wrap(exc) from exc
+        text = logs.getvalue()
+        saved = {i: v for i, v in values.items() if i in wanted}
+        exports = {i: values[i] for i in part["exports"] if i in values}  # absent: skipped (a cond that did not run)
+        return bytes(encode_result(saved, limits, [text] if text else [])), exports
+    except BaseException as exc:
+        exc._raysight_logs = logs.getvalue()  # type: ignore[attr-defined]
+        raise
+
+
 class WireBackend:
     """``model.trace(..., remote="local")``: serialize, run on a server-side copy, deserialize the results."""
 
@@ -116,4 +147,4 @@ def default_wire_backend() -> WireBackend:
     return WireBackend()
 
 
-__all__ = ["WireBackend", "WireError", "default_wire_backend", "relay_logs", "serve"]
+__all__ = ["WireBackend", "WireError", "default_wire_backend", "relay_logs", "serve", "serve_part"]

@@ -15,9 +15,10 @@ import pickle
 import traceback
 from typing import Any, Optional
 
-from raysight.backends.wire import serve
+from raysight.backends.wire import serve, serve_part
 from raysight.graph.schema import Limits
 from raysight.graph.serialize import decode_request
+from raysight.runtime.state import SKIPPED
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,25 @@ class ModelServer:
         except Exception as exc:
             return "error", error_info(exc)
 
+    def run_part(self, payload: bytes, part: dict, *args: Any) -> tuple[tuple[str, Any], Optional[dict]]:
+        """One part of a split session (called with ``num_returns=2``; ``args``: what earlier parts exported to it,
+        resolved by Ray from the object store, then the model keys and refs): the reply for the client, and the values
+        later parts take from this one. A part whose inputs failed is skipped; the client reports that error."""
+        imports, keys, refs = args[:-2], args[-2], args[-1]
+        if any(exported is None for exported in imports):
+            return ("skipped", None), None
+        try:
+            used = set(part["models"])
+            self._hold([keys[i] for i in used], refs)
+            given: dict[int, Any] = {i: SKIPPED for i in part["needs"]}  # what an earlier part's cond skipped
+            for exported in imports:
+                given.update(exported)
+            resolve = lambda i: self.models[keys[i]] if i in used else _Elsewhere(keys[i])  # noqa: E731
+            result, exports = serve_part(payload, resolve, self.limits, self.trusted, part, given)
+            return ("ok", result), exports
+        except Exception as exc:
+            return ("error", error_info(exc)), None
+
     def _hold(self, keys: list[str], refs: dict[str, Any]) -> None:
         import ray
 
@@ -99,6 +119,16 @@ class ModelServer:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+
+class _Elsewhere:
+    """A model of the session that another part runs (its traces are not in this part, so it is never used here)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"model {self.key} runs in another part of this session, not on this actor")
 
 
 def run_extraction_shard(model: Any, decoded: Any, job: Any, first_id: int, batch: dict, limits: Limits) -> Any:

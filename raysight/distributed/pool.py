@@ -168,6 +168,29 @@ class Pool:
             return value
         raise AssertionError("unreachable")
 
+    def submit(self, method: str, keys: list[str], refs: dict[str, Any], *args: Any, num_returns: int = 1) -> tuple:
+        """Start ``method(*args, keys, refs)`` on the replica with the fewest requests in flight without waiting:
+        ``(replica, refs of its returns)``. The caller gets the results and then calls :meth:`done` (``replica``)."""
+        if self.closed:
+            raise RuntimeError(f"pool {self.name!r} was shut down; start another with raysight.serve(...)")
+        for key, ref in refs.items():
+            self._models.setdefault(key, ref)
+        index = self._acquire()
+        actor = self._actors[index]
+        try:
+            returns = getattr(actor, method).options(num_returns=num_returns).remote(*args, keys, refs)
+        except BaseException:
+            self._release(index)
+            raise
+        return (index, actor), returns
+
+    def done(self, replica: tuple, died: bool = False) -> None:
+        """The call started by :meth:`submit` on ``replica`` is over; ``died``: its actor died (replace it)."""
+        index, actor = replica
+        self._release(index)
+        if died:
+            self._replace(index, actor)
+
     def _acquire(self) -> int:
         with self._lock:
             index = min(range(len(self._in_flight)), key=self._in_flight.__getitem__)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
 from raysight.graph.graph import Graph
 from raysight.graph.node import Node, Op, map_nodes
 
@@ -53,3 +56,134 @@ def _copy_body(body: list[Node], into: Graph, mapping: dict[int, Node]) -> None:
             into.enter(copy)
             _copy_body(node.body, into, mapping)
             into.exit()
+
+
+# -- splitting a session by its data dependencies (SPEC §7) ---------------------------------------------------------
+@dataclass
+class Part:
+    """Top-level nodes of a session that run together, on one actor, in program order."""
+
+    index: int
+    label: Any  # where it runs (an opaque placement: the pool of its models)
+    nodes: list[int] = field(default_factory=list)  # top-level node indices
+    models: dict = field(default_factory=dict)  # the models its traces use, by id()
+    needs: set[int] = field(default_factory=set)  # node indices it takes from earlier parts
+    after: set[int] = field(default_factory=set)  # the parts those come from
+    exports: set[int] = field(default_factory=set)  # node indices later parts take from it
+
+
+def split_session(graph: Graph, place: Callable[[Any], Any]) -> list[Part]:
+    """Cut a session into parts: top-level nodes that share no data (transitively) go to separate parts, which can
+    run at once; connected nodes stay in one part, except where their traces' models are placed apart
+    (``place(model)``: e.g. two models served by two pools), where they are cut into parts that run in order and
+    pass values. A session that trains (``backward``, an optimizer) or stops itself outside a loop runs whole."""
+    top = graph.body
+    if not top or not _splittable(graph):
+        return [_whole(graph, place)]
+    owner: dict[int, int] = {}
+    for t in top:
+        for n in _subtree(t):
+            owner[n.index] = t.index
+    parent = {t.index: t.index for t in top}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for t in top:
+        for n in _subtree(t):
+            for d in n.deps:
+                if owner[d.index] != t.index:
+                    parent[root(t.index)] = root(owner[d.index])
+    components: dict[int, list[Node]] = {}
+    for t in top:
+        components.setdefault(root(t.index), []).append(t)
+    parts: list[Part] = []
+    loose: list[Node] = []  # components that use no model: plain values, run with the first part
+    for members in components.values():
+        labels = [_label_of(t, place) for t in members]
+        if all(label is _NONE for label in labels):
+            loose.extend(members)
+            continue
+        _fill_labels(labels)
+        current: Optional[Part] = None
+        for t, label in zip(members, labels):
+            if current is None or current.label != label:
+                current = Part(len(parts), label)
+                parts.append(current)
+            current.nodes.append(t.index)
+    if not parts:
+        return [_whole(graph, place)]
+    parts.sort(key=lambda p: p.nodes[0])
+    parts[0].nodes = sorted(parts[0].nodes + [t.index for t in loose])
+    for i, part in enumerate(parts):
+        part.index = i
+    part_of = {t: p.index for p in parts for t in p.nodes}
+    for part in parts:
+        for t in part.nodes:
+            for n in _subtree(graph.nodes[t]):
+                if n.op is Op.TRACE:
+                    part.models[id(n.target.model)] = n.target.model
+                for d in n.deps:
+                    source = part_of[owner[d.index]]
+                    if source != part.index:
+                        part.needs.add(d.index)
+                        part.after.add(source)
+                        parts[source].exports.add(d.index)
+    return parts
+
+
+_NONE = object()  # the label of a node that runs no model
+
+
+def _whole(graph: Graph, place: Callable[[Any], Any]) -> Part:
+    traces = [n for n in graph.walk() if n.op is Op.TRACE]
+    part = Part(0, place(traces[0].target.model) if traces else None, [t.index for t in graph.body])
+    part.models = {id(n.target.model): n.target.model for n in traces}
+    return part
+
+
+def _splittable(graph: Graph) -> bool:
+    for node in _walk_outside_loops(graph.body):
+        if node.op is Op.STOP:  # session.stop() outside loops ends everything after it
+            return False
+    for node in graph.walk():
+        if node.op is Op.CALL_METHOD and node.target in ("backward", "step", "zero_grad"):
+            return False  # training: the parameters it changes are shared state, kept on one actor
+        target = node.target
+        if node.op is Op.CALL_FUNCTION and getattr(target, "__module__", "").startswith("torch.optim"):
+            return False
+    return True
+
+
+def _walk_outside_loops(body: list[Node]) -> Any:
+    for node in body:
+        yield node
+        if node.body is not None and node.op is not Op.ITER and node.op is not Op.TRACE:
+            yield from _walk_outside_loops(node.body)
+
+
+def _subtree(node: Node) -> Any:
+    yield node
+    if node.body is not None:
+        for child in node.body:
+            yield from _subtree(child)
+
+
+def _label_of(top: Node, place: Callable[[Any], Any]) -> Any:
+    for n in _subtree(top):
+        if n.op is Op.TRACE:
+            return place(n.target.model)
+    return _NONE
+
+
+def _fill_labels(labels: list) -> None:
+    """A node that runs no model goes with the model-running node before it (or, at the start, after it)."""
+    last = next(label for label in labels if label is not _NONE)
+    for i, label in enumerate(labels):
+        if label is _NONE:
+            labels[i] = last
+        else:
+            last = label

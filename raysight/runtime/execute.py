@@ -72,11 +72,16 @@ def run_trace(
     return interleaver
 
 
-def run_session(graph: Graph, deadline: Optional[float] = None, log_to: Any = None) -> dict[int, Any]:
-    """Run a session graph from top to bottom; return the saved values by node index."""
-    interleaver = Interleaver(graph.nodes, [(graph.body, None, "the session")], _no_module)
+def run_session(graph: Graph, deadline: Optional[float] = None, log_to: Any = None,
+                body: Optional[list[Node]] = None, given: Optional[dict[int, Any]] = None) -> dict[int, Any]:
+    """Run a session graph from top to bottom; return the saved values by node index. A part of a split session
+    runs only ``body`` (some of the top-level nodes), with the values of earlier parts ``given`` by node index."""
+    interleaver = Interleaver(graph.nodes, [(graph.body if body is None else body, None, "the session")], _no_module)
     interleaver.deadline = deadline
     interleaver.log_to = log_to
+    if given:
+        for index, value in given.items():
+            interleaver.env[index] = value
     try:
         interleaver.start()
     except StopLoop:

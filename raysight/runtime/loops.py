@@ -20,7 +20,10 @@ class Loops:
         spec = node.target
         invokes = [spec.model._prepare_deferred(inv, self._load) for inv in spec.invokes]
         forward_kwargs = self._load(spec.forward_kwargs)
-        run_trace(spec.model, node.body, self.nodes, invokes, forward_kwargs, spec.method, parent=self)
+        try:
+            run_trace(spec.model, node.body, self.nodes, invokes, forward_kwargs, spec.method, parent=self)
+        except Exception as exc:  # the model itself failed (an intervention's error names its own node already)
+            raise annotate(exc, node)
 
     def _run_loop(self, node: Node, stream: Stream) -> Iterator[None]:
         collection = self._load(node.args[0])

@@ -1,0 +1,128 @@
+"""The session planner (SPEC §7): a remote session split by its data dependencies into Ray tasks.
+
+``split_session`` (graph/passes.py) cuts the session into parts: traces that share no data are separate parts, and
+a chain of traces whose models live in different pools is cut where the pool changes. Every part goes to an actor
+of its pool at once, with the parts it depends on passed as object refs: Ray starts a part when the parts before
+it are done and hands it their values from the object store, so intermediate values go from actor to actor and
+never through the client. Independent parts run at the same time on different replicas. The client then collects
+each part's saved values in program order; the first failed part's error is raised, as a local run would raise it.
+A dead actor is replaced and the whole session run again (``max_retries`` of its pool).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from raysight.errors import RemoteExecutionError
+from raysight.graph.passes import Part, split_session
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """How a session ran: its parts and the pool of each (``RayBackend.last_plan``, for inspection)."""
+
+    parts: list[Part]
+    pools: list[str]
+
+    def __str__(self) -> str:
+        lines = [f"session plan: {len(self.parts)} part(s)"]
+        for part, pool in zip(self.parts, self.pools):
+            after = f", after part(s) {sorted(part.after)}" if part.after else ""
+            lines.append(f"  part {part.index} on {pool!r}: top-level nodes {part.nodes}{after}; "
+                         f"takes {sorted(part.needs)}, passes on {sorted(part.exports)}")  # fmt: skip
+        return "\n".join(lines)
+
+
+def plan_session(graph: Any, pool_of: Callable[[Any], Any]) -> tuple[list[Part], list[Any]]:
+    """The parts of ``graph`` and the pool each runs on (``pool_of(model)``; parts are placed by pool name)."""
+    pools: dict[str, Any] = {}
+
+    def place(model: Any) -> str:
+        pool = pool_of(model)
+        pools[pool.name] = pool
+        return pool.name
+
+    parts = split_session(graph, place)
+    if parts[0].label is None:  # a session that runs no model: wherever the default pool is
+        parts[0].label = place(None)
+    return parts, [pools[p.label] for p in parts]
+
+
+def run_parts(payload: bytes, parts: list[Part], pools: list[Any], model_index: Callable[[Any], int],
+              keys: list[str], refs: dict[str, Any]) -> list[tuple[str, Any]]:  # fmt: skip
+    """Start every part, then wait for all; return each part's reply ``(status, value)`` in program order. An actor
+    that died makes this raise ``_ActorDied`` after it is replaced."""
+    import ray
+
+    started: list[tuple[Any, tuple, Any]] = []
+    exports: dict[int, Any] = {}
+    try:
+        for part, pool in zip(parts, pools):
+            spec = {"nodes": part.nodes, "exports": sorted(part.exports), "needs": sorted(part.needs),
+                    "models": sorted(model_index(m) for m in part.models.values())}  # fmt: skip
+            imports = [exports[p] for p in sorted(part.after)]
+            replica, (reply, exported) = pool.submit("run_part", keys, refs, payload, spec, *imports, num_returns=2)
+            started.append((pool, replica, reply))
+            exports[part.index] = exported
+        replies, died = [], False
+        for pool, replica, reply in started:
+            try:
+                replies.append(ray.get(reply))
+            except ray.exceptions.RayActorError:
+                died = True
+                replies.append(None)
+                pool.done(replica, died=True)
+                replica = None
+            if replica is not None:
+                pool.done(replica)
+        started = []
+    finally:
+        for pool, replica, _ in started:  # interrupted before collecting: release what is still counted
+            pool.done(replica)
+    if died:
+        raise _ActorDied()
+    return replies
+
+
+def collect(replies: list[tuple[str, Any]]) -> dict[int, Any]:
+    """The saved values of all parts, their ``tracer.log`` lines printed in part order; the first error raised."""
+    from raysight.backends.wire import relay_logs
+    from raysight.graph.serialize import decode_result
+
+    saved: dict[int, Any] = {}
+    for status, value in replies:
+        if status == "error":
+            relay_logs(value.get("logs", ""))
+            raise RemoteExecutionError.rebuild(value)
+        if status == "ok":
+            values, logs = decode_result(value)
+            relay_logs(logs)
+            saved.update(values)
+    return saved
+
+
+class _ActorDied(Exception):
+    """An actor running a part died (it has been replaced); the session is run again."""
+
+
+def run_split(payload: bytes, parts: list[Part], pools: list[Any], model_index: Callable[[Any], int],
+              keys: list[str], refs: dict[str, Any]) -> dict[int, Any]:  # fmt: skip
+    """:func:`run_parts` and :func:`collect`, run again when an actor died, up to the pools' ``max_retries``."""
+    attempts = 1 + min(pool.config.max_retries for pool in pools)
+    for attempt in range(attempts):
+        try:
+            replies = run_parts(payload, parts, pools, model_index, keys, refs)
+        except _ActorDied:
+            if attempt + 1 == attempts:
+                raise RemoteExecutionError(
+                    f"an actor running this session died {attempts} time(s); look for an intervention that ends the "
+                    "process or runs out of memory"
+                ) from None
+            logger.warning("an actor running a part of the session died; replaced it, running the session again")
+            continue
+        return collect(replies)
+    raise AssertionError("unreachable")
