@@ -46,6 +46,7 @@ class _Decoder:
         self.limit = 0  # nodes a value may reference: those recorded before the current one
         self.where = ""
         self.frames: Optional[list] = None  # a reply's out-of-band tensor bytes
+        self.tensors: dict[int, torch.Tensor] = {}  # by the encoder's share index ("same" refers to them)
 
     def fail(self, problem: str) -> WireError:
         return WireError(f"malformed request{self.where}: {problem}")
@@ -66,7 +67,15 @@ class _Decoder:
                     raise self.fail(f"reference to node {i!r}, which does not exist before this one")
                 return self.nodes[i]
             if tag == "tensor":
-                return _decode_tensor(v, self)
+                t = _decode_tensor(v, self)
+                if "id" in v:
+                    self.tensors[v["id"]] = t
+                return t
+            if tag == "same":
+                t = self.tensors.get(v.get("i"))
+                if t is None:
+                    raise self.fail(f"reference to tensor {v.get('i')!r}, which was not sent before it")
+                return t
             if tag == "tuple":
                 return tuple(self.value(x, d) for x in self._items(v))
             if tag == "list":

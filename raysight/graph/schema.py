@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from raysight.errors import RaysightError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a tensor sent twice is sent once (`id`, then `same`)
 
 
 class WireError(RaysightError, ValueError):

@@ -47,6 +47,7 @@ class _Encoder:
         self.models = models  # model objects, in the order of WireRequest.models
         self.node: Optional[Node] = None
         self.frames = frames  # when set, tensor bytes go out of band (see encode_result)
+        self.tensors: dict[int, tuple[int, torch.Tensor]] = {}  # id -> (share index, tensor kept alive meanwhile)
 
     def model_ref(self, model: Any) -> int:
         for i, known in enumerate(self.models):
@@ -62,7 +63,15 @@ class _Encoder:
         if t is Node:
             return {"$": "node", "i": v.index}
         if isinstance(v, torch.Tensor):
-            return _encode_tensor(v, self.frames)
+            # one object on this side is one object on the other (an optimizer's parameters are the ones the
+            # trace uses; an in-place edit of a tensor shows wherever it is referenced)
+            known = self.tensors.get(id(v))
+            if known is not None:
+                return {"$": "same", "i": known[0]}
+            self.tensors[id(v)] = (len(self.tensors), v)
+            out = _encode_tensor(v, self.frames)
+            out["id"] = len(self.tensors) - 1
+            return out
         if t is tuple:
             return {"$": "tuple", "items": [self.value(x) for x in v]}
         if t is list:

@@ -102,6 +102,18 @@ class TrainResult:
     metrics: Any
     weights: Any
 
+    def write_parquet(self, directory: Any) -> list[str]:
+        """Write ``metrics.parquet`` and ``weights.parquet`` into ``directory`` (made if missing); return the paths."""
+        import os
+
+        import pyarrow.parquet as pq
+
+        os.makedirs(directory, exist_ok=True)
+        paths = [os.path.join(directory, f"{name}.parquet") for name in ("metrics", "weights")]
+        for table, path in zip((self.metrics, self.weights), paths):
+            pq.write_table(table, path)
+        return paths
+
 
 def train_lora(
     model: Any,
@@ -111,12 +123,15 @@ def train_lora(
     lr: float = 1e-3,
     optimizer: str = "AdamW",
     forward: Optional[Callable[[Any, Any], Any]] = None,
+    remote: Any = None,
 ) -> TrainResult:
     """Train ``lora`` on ``batches`` as one raysight session.
 
     Each batch is a model input (or, with ``forward``, anything ``forward(model, batch)`` turns into the proxy the
     loss is computed from); ``loss_fn(output_proxy, batch)`` builds the loss inside the trace (default output: the
-    model's logits). Returns per-step losses and the final adapter weights as Arrow tables.
+    model's logits). ``remote=True`` trains where the model's Ray pool is (the whole loop on one actor); the trained
+    weights come back into ``lora`` either way. Returns per-step losses and the final adapter weights as Arrow
+    tables.
     """
     import pyarrow as pa
 
@@ -125,7 +140,7 @@ def train_lora(
         raise ValueError("train_lora needs at least one batch")
     if not isinstance(getattr(torch.optim, optimizer, None), type):
         raise ValueError(f"optimizer={optimizer!r} is not a torch.optim optimizer (e.g. 'AdamW', 'SGD')")
-    with model.session() as session:
+    with model.session(**({} if remote is None else {"remote": remote})) as session:
         opt = getattr(torch.optim, optimizer)(lora.parameters(), lr=lr)  # looked up now: a node of the session
         losses = raysight.list().save()
         with session.iter(batches) as batch:
@@ -138,9 +153,15 @@ def train_lora(
                 loss.backward()
             opt.step()
             opt.zero_grad()
+        trained = raysight.apply(_copies, lora.parameters()).save()  # where it ran: the weights come back
+    lora.load_weights(dict(zip(lora.weights(), trained.value)))
     steps = list(range(len(losses.value)))
     metrics = pa.table({"step": pa.array(steps, pa.int64()), "loss": pa.array(losses.value, pa.float64())})
     return TrainResult(metrics=metrics, weights=lora.to_arrow())
+
+
+def _copies(parameters: list[Parameter]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in parameters]
 
 
 def _logits(model: Any) -> Any:

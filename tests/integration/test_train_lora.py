@@ -1,6 +1,7 @@
 """raysight.train: LoRA adapters trained in a session match peft trained by a plain PyTorch loop."""
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -40,7 +41,6 @@ def _next_token_loss(logits, batch):
     return torch.nn.functional.cross_entropy(flat[mask], ids[:, 1:].reshape(-1)[mask])
 
 
-@pytest.mark.local_only  # inspects state of the client's own torch module or objects
 def test_lora_trained_in_a_session_matches_peft_with_a_plain_loop(llama_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -85,13 +85,15 @@ def test_lora_trained_in_a_session_matches_peft_with_a_plain_loop(llama_path):
             assert torch.allclose(trained[f"{path}.B"], module.lora_B["default"].weight.detach().T, atol=1e-5)
 
 
-def test_train_lora_returns_metrics_and_weights_as_arrow_tables(llama_path):
+def test_train_lora_returns_metrics_and_weights_as_arrow_tables(llama_path, tmp_path):
     model = raysight.LanguageModel(llama_path, dispatch=True)
     model._module.requires_grad_(False)
     lora = raysight.train.LoRA(model, "model.layers.0.mlp.down_proj", rank=2)
     batches = _batches(model.tokenizer, n=3)
     result = raysight.train.train_lora(model, lora, [{"input": b, **b} for b in batches], _next_token_loss, lr=1e-2)
     assert isinstance(result.metrics, pa.Table) and isinstance(result.weights, pa.Table)
+    metrics_path, weights_path = result.write_parquet(tmp_path / "run")
+    assert pq.read_table(metrics_path).equals(result.metrics) and pq.read_table(weights_path).equals(result.weights)
     assert result.metrics.column("step").to_pylist() == [0, 1, 2]
     weights = lora.weights()
     assert result.weights.column("name").to_pylist() == list(weights)

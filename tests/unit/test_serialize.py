@@ -171,6 +171,7 @@ def _mutate(model, change):
         (lambda r: r["graph"]["nodes"][2].update(target={"$": "eval"}), "unknown value tag 'eval'"),
         (lambda r: r["invokes"][0]["args"]["items"][0].update(shape=[1000, 1000]), "do not match shape"),
         (lambda r: r.update(extra=1), "does not match the schema"),
+        (lambda r: r["invokes"][0]["args"]["items"].append({"$": "same", "i": 7}), "reference to tensor 7"),
     ],
 )
 def test_hostile_payloads_are_refused_with_a_wire_error(model, change, message):
@@ -229,3 +230,15 @@ def test_a_grad_that_does_not_fit_its_tensor_is_a_wire_error():
     forged = len(new_header).to_bytes(8, "little") + new_header + bytes(payload[8 + header_len :])
     with pytest.raises(WireError, match="grad_value does not fit"):
         decode_result(forged)
+
+
+def test_a_tensor_referenced_twice_arrives_as_one_object(model):
+    weight = torch.nn.Parameter(torch.randn(2))
+    with Tracer(model, (torch.randn(2, 5),), execute=False) as tracer:
+        first = (model.output + weight).save()
+        second = (model.output * weight).save()
+    payload = encode_request(tracer.request(), [], model=model)
+    decoded = _decode(payload, model)
+    a, b = (decoded.graph.nodes[p.node.index].args[1] for p in (first, second))
+    assert a is b and isinstance(a, torch.nn.Parameter) and torch.equal(a, weight)
+    assert payload.count(weight.detach().numpy().tobytes()) == 1  # its bytes are sent once
