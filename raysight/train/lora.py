@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -81,15 +82,7 @@ class LoRA:
 
     def to_arrow(self) -> Any:
         """One row per adapter matrix: name, shape, dtype and the values (flattened, float32)."""
-        import pyarrow as pa
-
-        names, shapes, dtypes, values = [], [], [], []
-        for name, tensor in self.weights().items():
-            names.append(name)
-            shapes.append(list(tensor.shape))
-            dtypes.append(str(tensor.dtype).removeprefix("torch."))
-            values.append(tensor.float().flatten().tolist())
-        return pa.table({"name": names, "shape": shapes, "dtype": dtypes, "values": values})
+        return _weights_table([(None, name, t) for name, t in self.weights().items()], with_step=False)
 
     def __repr__(self) -> str:
         return f"LoRA(rank={self.rank}, modules={list(self.adapters)})"
@@ -97,21 +90,28 @@ class LoRA:
 
 @dataclass
 class TrainResult:
-    """What ``train_lora`` returns: ``metrics`` (one row per step: step, loss) and ``weights`` (``LoRA.to_arrow``)."""
+    """What ``train_lora`` returns: ``metrics`` (one row per step: step, loss), ``weights`` (``LoRA.to_arrow``) and
+    ``checkpoints`` (the weights after every ``checkpoint_every``-th step, with their step)."""
 
     metrics: Any
     weights: Any
+    checkpoints: Any = None  # (step, name, shape, dtype, values) every checkpoint_every steps; empty without them
 
     def write_parquet(self, directory: Any) -> list[str]:
-        """Write ``metrics.parquet`` and ``weights.parquet`` into ``directory`` (made if missing); return the paths."""
+        """Write ``metrics.parquet``, ``weights.parquet`` (and ``checkpoints.parquet``) into ``directory`` (made if
+        missing); return the paths."""
         import os
 
         import pyarrow.parquet as pq
 
         os.makedirs(directory, exist_ok=True)
-        paths = [os.path.join(directory, f"{name}.parquet") for name in ("metrics", "weights")]
-        for table, path in zip((self.metrics, self.weights), paths):
-            pq.write_table(table, path)
+        tables = {"metrics": self.metrics, "weights": self.weights}
+        if self.checkpoints is not None and self.checkpoints.num_rows:
+            tables["checkpoints"] = self.checkpoints
+        paths = []
+        for name, table in tables.items():
+            paths.append(os.path.join(directory, f"{name}.parquet"))
+            pq.write_table(table, paths[-1])
         return paths
 
 
@@ -124,15 +124,18 @@ def train_lora(
     optimizer: str = "AdamW",
     forward: Optional[Callable[[Any, Any], Any]] = None,
     remote: Any = None,
+    checkpoint_every: int = 0,
 ) -> TrainResult:
     """Train ``lora`` on ``batches`` as one raysight session.
 
     Each batch is a model input (or, with ``forward``, anything ``forward(model, batch)`` turns into the proxy the
     loss is computed from); ``loss_fn(output_proxy, batch)`` builds the loss inside the trace (default output: the
     model's logits). ``remote=True`` trains where the model's Ray pool is (the whole loop on one actor); the trained
-    weights come back into ``lora`` either way. Returns per-step losses and the final adapter weights as Arrow
-    tables.
+    weights come back into ``lora`` either way. ``checkpoint_every=k`` also keeps the adapter weights after every
+    k-th step. Returns per-step losses, the final weights and the checkpoints as Arrow tables.
     """
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be a non-negative int (0: none), got {checkpoint_every!r}")
     import pyarrow as pa
 
     batches = list(batches)
@@ -143,7 +146,9 @@ def train_lora(
     with model.session(**({} if remote is None else {"remote": remote})) as session:
         opt = getattr(torch.optim, optimizer)(lora.parameters(), lr=lr)  # looked up now: a node of the session
         losses = raysight.list().save()
-        with session.iter(batches) as batch:
+        checkpoints = raysight.list().save()
+        with session.iter(list(range(len(batches)))) as step:
+            batch = raysight.apply(operator.getitem, batches, step)
             inputs = batch["input"] if _is_mapping(batches[0]) else batch
             with model.trace(inputs):
                 lora.attach()
@@ -153,11 +158,32 @@ def train_lora(
                 loss.backward()
             opt.step()
             opt.zero_grad()
+            if checkpoint_every:
+                with session.cond((step + 1) % checkpoint_every == 0):
+                    checkpoints.append(raysight.apply(_copies, lora.parameters()))
         trained = raysight.apply(_copies, lora.parameters()).save()  # where it ran: the weights come back
-    lora.load_weights(dict(zip(lora.weights(), trained.value)))
+    names = list(lora.weights())
+    lora.load_weights(dict(zip(names, trained.value)))
     steps = list(range(len(losses.value)))
     metrics = pa.table({"step": pa.array(steps, pa.int64()), "loss": pa.array(losses.value, pa.float64())})
-    return TrainResult(metrics=metrics, weights=lora.to_arrow())
+    saved_at = [s for s in steps if checkpoint_every and (s + 1) % checkpoint_every == 0]
+    rows = [(s, name, t) for s, copies in zip(saved_at, checkpoints.value) for name, t in zip(names, copies)]
+    return TrainResult(metrics=metrics, weights=lora.to_arrow(), checkpoints=_weights_table(rows))
+
+
+def _weights_table(rows: list[tuple[Optional[int], str, torch.Tensor]], with_step: bool = True) -> Any:
+    """Adapter matrices as rows: (step,) name, shape, dtype and the values (flattened, float32)."""
+    import pyarrow as pa
+
+    columns = {
+        "name": pa.array([name for _, name, _ in rows], pa.string()),
+        "shape": pa.array([list(t.shape) for _, _, t in rows], pa.list_(pa.int64())),
+        "dtype": pa.array([str(t.dtype).removeprefix("torch.") for _, _, t in rows], pa.string()),
+        "values": pa.array([t.float().flatten().tolist() for _, _, t in rows], pa.list_(pa.float64())),
+    }
+    if with_step:
+        columns = {"step": pa.array([s for s, _, _ in rows], pa.int64()), **columns}
+    return pa.table(columns)
 
 
 def _copies(parameters: list[Parameter]) -> list[torch.Tensor]:

@@ -90,9 +90,16 @@ def test_train_lora_returns_metrics_and_weights_as_arrow_tables(llama_path, tmp_
     model._module.requires_grad_(False)
     lora = raysight.train.LoRA(model, "model.layers.0.mlp.down_proj", rank=2)
     batches = _batches(model.tokenizer, n=3)
-    result = raysight.train.train_lora(model, lora, [{"input": b, **b} for b in batches], _next_token_loss, lr=1e-2)
+    result = raysight.train.train_lora(model, lora, [{"input": b, **b} for b in batches], _next_token_loss, lr=1e-2,
+                                       checkpoint_every=2)  # fmt: skip
     assert isinstance(result.metrics, pa.Table) and isinstance(result.weights, pa.Table)
-    metrics_path, weights_path = result.write_parquet(tmp_path / "run")
+    assert result.checkpoints.column("step").to_pylist() == [1, 1]  # steps 1 (of 0..2): A and B
+    final = dict(zip(result.weights.column("name").to_pylist(), result.weights.column("values").to_pylist()))
+    after_step_1 = dict(zip(result.checkpoints.column("name").to_pylist(), result.checkpoints.column("values").to_pylist()))
+    b_name = "model.layers.0.mlp.down_proj.B"
+    assert after_step_1[b_name] != final[b_name]  # the third step changed B again
+    metrics_path, weights_path, checkpoints_path = result.write_parquet(tmp_path / "run")
+    assert pq.read_table(checkpoints_path).equals(result.checkpoints)
     assert pq.read_table(metrics_path).equals(result.metrics) and pq.read_table(weights_path).equals(result.weights)
     assert result.metrics.column("step").to_pylist() == [0, 1, 2]
     weights = lora.weights()
