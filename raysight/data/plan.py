@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 from raysight.backends.base import Request, using
 from raysight.errors import TraceError
+from raysight.graph.node import Node, Op
 from raysight.graph.proxy import Proxy
 
 
@@ -86,10 +87,23 @@ def plan_extraction(model: Any, fn: Callable, batch: dict, *, preprocess: Option
     clash = set(outputs) & ({"id", "tokens"} | set(keep_columns))
     if clash:
         raise ValueError(f"fn returns {sorted(clash)}, a name extraction uses for its own columns; rename it")
+    _stop_after_outputs(request)
     digest = hashlib.sha256(
         f"{request.graph}\n{request.method}\n{sorted(outputs.items())}\n{inputs!r}\n{strip_padding}".encode()
     ).hexdigest()[:16]
     return Plan(model, request, inputs, outputs, preprocess, strip_padding, tuple(keep_columns), digest)
+
+
+def _stop_after_outputs(request: Request) -> None:
+    """End each batch's forward pass once every output is computed (``tracer.stop()`` as the trace's last line):
+    blocks after the last one read do not run. Only for a plain forward whose code is all in its one invoke."""
+    body = request.graph.body
+    if request.method != "forward" or len(body) != 1 or body[0].op is not Op.INVOKE:
+        return
+    nodes = request.graph.nodes
+    stop = Node(len(nodes), Op.STOP, None, (), None, None, None)
+    nodes.append(stop)
+    body[0].body.append(stop)
 
 
 def fill(template: Any, batch: dict) -> Any:

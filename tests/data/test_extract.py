@@ -299,3 +299,22 @@ def test_bad_arguments_name_the_fix(mlp: MLP, rows: list[dict], tmp_path: pathli
         raysight.extract(model, str(tmp_path / "missing.parquet"), hidden_and_output, remote=False)
     with pytest.raises(TypeError, match="cannot read an extraction's input from int"):
         raysight.extract(model, 3, hidden_and_output, remote=False)
+
+
+def test_the_forward_pass_stops_once_every_output_is_computed(tiny_gpt2_path: Any) -> None:
+    lm = raysight.LanguageModel(str(tiny_gpt2_path), dispatch=True)
+    ran: list = []
+    lm._module.lm_head.register_forward_hook(lambda m, a, o: ran.append(1))
+
+    def early(model: Any, batch: dict) -> dict:
+        with model.trace(batch["text"]):
+            return {"h0": model.transformer.h[0].output}
+
+    def late(model: Any, batch: dict) -> dict:
+        with model.trace(batch["text"]):
+            return {"logits": model.lm_head.output}
+
+    raysight.extract(lm, list(PROMPTS), early, batch_size=2, remote=False)
+    assert ran == []  # blocks after the last output read never ran
+    raysight.extract(lm, list(PROMPTS), late, batch_size=2, remote=False)
+    assert len(ran) == 2
