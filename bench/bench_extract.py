@@ -6,9 +6,11 @@
 Every implementation turns the same prompts into the same Parquet rows (id, tokens, the hidden states of two
 blocks for the prompt's own tokens) of a GPT-2 built from a config (random weights; ``--layers``/``--width``):
 
-* ``hooks``: a plain loop — tokenizer, ``register_forward_hook`` on the blocks, the HF forward, unpadding by the
-  attention mask, one Arrow table per batch (the same ``tensor_field`` columns) written with ``pq.write_table``;
-* ``nnsight``: the same loop with an nnsight trace per batch saving the two blocks (when nnsight is installed);
+* ``hooks``: a plain loop — tokenizer, ``register_forward_hook`` on the blocks, the HF forward (ended by an
+  exception after the last block needed, as raysight ends it), unpadding by the attention mask, one Arrow table
+  per batch (the same ``tensor_field`` columns) written with ``pq.write_table``;
+* ``nnsight``: the same loop with an nnsight trace per batch saving the two blocks (when nnsight is installed; it
+  runs the whole forward, lm_head included);
 * ``raysight here``: ``raysight.extract(..., remote=False)`` (this process);
 * ``raysight ray xN``: ``raysight.extract(..., remote=True)`` on a pool of N replicas of a local Ray cluster
   (started before timing; each replica one CPU).
@@ -52,6 +54,10 @@ def _rows_table(first_id: int, ids: torch.Tensor, mask: torch.Tensor, hidden: di
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
+class _Done(Exception):
+    pass
+
+
 def _hooks(path: str, layers: list[int]) -> Callable:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -63,12 +69,19 @@ def _hooks(path: str, layers: list[int]) -> Callable:
         for shard, start in enumerate(range(0, len(prompts), batch_size)):
             enc = tok(prompts[start:start + batch_size], return_tensors="pt", padding=True)
             seen: dict = {}
-            handles = [model.transformer.h[i].register_forward_hook(
-                lambda m, a, o, i=i: seen.__setitem__(f"h{i}", o[0] if isinstance(o, tuple) else o))
-                for i in layers]  # fmt: skip
+
+            def keep(m: Any, a: Any, o: Any, i: int) -> None:
+                seen[f"h{i}"] = o[0] if isinstance(o, tuple) else o
+                if i == layers[-1]:
+                    raise _Done  # the last block needed: skip the rest of the forward, as raysight does
+
+            handles = [model.transformer.h[i].register_forward_hook(lambda m, a, o, i=i: keep(m, a, o, i))
+                       for i in layers]  # fmt: skip
             try:
                 with torch.no_grad():
                     model(**enc)
+            except _Done:
+                pass
             finally:
                 for h in handles:
                     h.remove()
@@ -92,9 +105,11 @@ def _nnsight(path: str, layers: list[int]) -> Any:
         os.makedirs(out)
         for shard, start in enumerate(range(0, len(prompts), batch_size)):
             enc = tok(prompts[start:start + batch_size], return_tensors="pt", padding=True)
+            saved: list = []  # (nnsight 0.8 runs the block itself: append to a list made outside it)
             with torch.no_grad():
                 with model.trace(**enc):
-                    saved = [model.transformer.h[i].output.save() for i in layers]
+                    for i in layers:
+                        saved.append(model.transformer.h[i].output.save())
             saved = dict(zip([f"h{i}" for i in layers], saved))
             hidden = {k: (v[0] if isinstance(v, tuple) else v) for k, v in saved.items()}
             table = _rows_table(start, enc["input_ids"], enc["attention_mask"], hidden)
