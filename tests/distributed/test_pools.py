@@ -24,11 +24,6 @@ def _ray(ray_cluster: Any) -> None:
     """Every test here runs against the session's local Ray cluster."""
 
 
-@pytest.fixture
-def x() -> torch.Tensor:
-    """Three rows (``mlp`` is the shared fixture of tests/conftest.py)."""
-    return torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
-
 
 def _pid_of_run(model: raysight.NNsight, x: torch.Tensor) -> int:
     with model.trace(x, remote=True):

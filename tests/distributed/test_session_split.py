@@ -23,10 +23,6 @@ def _ray(ray_cluster: Any) -> None:
     """Every test here runs against the session's local Ray cluster."""
 
 
-@pytest.fixture
-def x() -> torch.Tensor:
-    return torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
-
 
 @pytest.fixture
 def other() -> MLP:
