@@ -8,6 +8,7 @@ computed and leaves what later nodes need.
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Any, Optional
 
 from raysight.graph.graph import Graph
@@ -32,6 +33,27 @@ def run_trace(
 ) -> Interleaver:
     """Run the nodes of ``body`` (a trace) interleaved with one run of ``model``; return the interleaver."""
     model._ensure_dispatched()
+    key, me = id(model.__dict__["_module"]), threading.get_ident()
+    if _RUNNING.get(key) == me:  # a trace inside this thread's own run (a session's trace, an ad-hoc call)
+        return _run_trace(model, body, nodes, invokes, forward_kwargs, method, parent, locations, deadline, log_to)
+    if _RUNNING.setdefault(key, me) != me:  # (setdefault: one atomic step) its hooks would see the other's pass
+        raise RuntimeError(
+            f"this {type(model).__name__} is running a trace in another thread; traces of one model in one process "
+            "run one at a time (hooks are per module): run them in turn, or in parallel on Ray (remote=True with "
+            "raysight.serve(model, replicas=N))"
+        )
+    try:
+        return _run_trace(model, body, nodes, invokes, forward_kwargs, method, parent, locations, deadline, log_to)
+    finally:
+        del _RUNNING[key]
+
+
+_RUNNING: dict[int, int] = {}  # id of a root module running a trace -> the thread running it
+
+
+def _run_trace(model: Any, body: list[Node], nodes: list[Node], invokes: list[Any], forward_kwargs: dict,
+               method: str, parent: Optional[Interleaver], locations: Optional[set], deadline: Optional[float],
+               log_to: Any) -> Interleaver:  # fmt: skip
     edit_start = len(nodes)
     edits, module_at = model._edits, model._module_at  # (an envoy's attributes are slow to look up: once each)
     if edits:  # persistent edits: copies with their own indices, run first, see the whole batch

@@ -3,6 +3,9 @@ weights)."""
 
 from __future__ import annotations
 
+import contextvars
+import threading
+
 import pytest
 import torch
 
@@ -146,3 +149,41 @@ def test_runtime_failure_after_modules_fired_leaves_no_hooks(stack_model, stack,
 def test_wrapping_something_that_is_not_a_module_raises_type_error():
     with pytest.raises(TypeError, match="Module"):
         raysight.NNsight(lambda t: t)
+
+
+_INSIDE, _RELEASE = threading.Event(), threading.Event()
+
+
+def _hold(value):
+    """Called by the first thread's trace: says it is inside, then waits (module level: travels by name)."""
+    _INSIDE.set()
+    _RELEASE.wait(30)
+    return value
+
+
+@pytest.mark.same_process  # the two threads share this process's model
+def test_a_trace_while_another_thread_traces_the_same_model_is_refused(model, mlp, x):
+    _INSIDE.clear()
+    _RELEASE.clear()
+    seen = {}
+
+    def first():
+        with model.trace(x):
+            out = raysight.apply(_hold, model.output).save()
+        seen["out"] = out.value
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(first,))  # the same backend
+    thread.start()
+    try:
+        assert _INSIDE.wait(30)
+        with pytest.raises(RuntimeError, match="running a trace in another thread"):
+            with model.trace(x):
+                model.output.save()
+    finally:
+        _RELEASE.set()
+        thread.join(30)
+    with torch.no_grad():
+        assert torch.allclose(seen["out"], mlp(x))  # the first trace was not disturbed
+    with model.trace(x):  # and the model is free again
+        again = model.output.save()
+    assert torch.allclose(again.value, seen["out"])
