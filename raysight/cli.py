@@ -77,8 +77,9 @@ def _local_token_headers(address: str) -> dict[str, str]:
 @contextlib.contextmanager
 def _api_errors(address: str, job_id: str | None = None) -> Iterator[None]:
     """Turn what the Jobs API raises into one-line messages that name the address (or the job) and the fix."""
-    from ray.exceptions import AuthenticationError
+    import ray.exceptions
 
+    AuthenticationError = getattr(ray.exceptions, "AuthenticationError", _NeverRaised)  # (older Ray has no tokens)
     try:
         yield
     except AuthenticationError:
@@ -92,6 +93,10 @@ def _api_errors(address: str, job_id: str | None = None) -> Iterator[None]:
         if job_id is not None and "status code 404" in str(e):
             raise UsageError(f"no job {job_id} at {address} (`raysight jobs` lists them)") from None
         raise UsageError(f"the Ray job server at {address} refused the request: {_one_line(e)}") from None
+
+
+class _NeverRaised(Exception):
+    pass
 
 
 def _one_line(error: Exception) -> str:
