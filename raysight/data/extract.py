@@ -3,34 +3,28 @@
 The driver reads the input in shards of ``batch_size`` rows (``sources.py``), traces ``fn`` once on the first
 (``plan.py``), and sends each shard to the model's pool (or runs it here with ``remote=False``); a bounded number of
 shards is in flight, so memory stays flat whatever the dataset's size. Each shard comes back as an Arrow table
-(``shard.py``) and, with ``output=``, is written at once as ``part-<shard>.parquet`` (to a temporary name, then
-renamed: a part file is whole or absent). The directory's ``.raysight-extract.json`` records the job (input,
-graph, batch size); a run that finds it skips the parts already written, so a crashed extraction resumes and every
-input row is in the output exactly once, ordered by ``id`` (the row's position in the input).
+(``shard.py``) and, with ``output=``, is written at once as a Parquet part (``sink.py``: local paths or any pyarrow
+filesystem URI; a part is whole or absent). The directory records the job; a run that finds it skips the parts
+already written, so a crashed extraction resumes and every input row is in the output exactly once, ordered by
+``id`` (the row's position in the input).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import logging
 import os
 import uuid
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raysight.backends.base import Request
 from raysight.data.plan import Plan, plan_extraction
 from raysight.data.shard import ShardJob, run_shard
-from raysight.data.sources import Source, as_source, fingerprint
+from raysight.data.sink import Sink
+from raysight.data.sources import as_source
 from raysight.progress import progress_bar
 
 logger = logging.getLogger(__name__)
-
-MANIFEST = ".raysight-extract.json"  # hidden: Parquet readers of the directory (datasets, pyarrow) skip it
 
 
 def extract(
@@ -72,7 +66,7 @@ def extract(
         raise ValueError(f"the extraction's input ({source.description}) has no rows")
     plan = plan_extraction(model, fn, first[2], preprocess=preprocess, strip_padding=strip_padding,
                            keep_columns=tuple(keep_columns))  # fmt: skip
-    sink = _Sink(output, plan, source, batch_size, resume, overwrite) if output is not None else _Sink.memory()
+    sink = Sink.directory_for(output, plan, source, batch_size, resume, overwrite) if output is not None else Sink()
     runner = _RayRunner(plan, pool, max_in_flight) if remote else _LocalRunner(plan)
     bar = progress_bar(source.total, "extract", enabled=progress)
     try:
@@ -98,7 +92,7 @@ class _LocalRunner:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
 
-    def run(self, shards: Iterator, sink: "_Sink", bar: Any) -> None:
+    def run(self, shards: Iterator, sink: "Sink", bar: Any) -> None:
         request, job = self.plan.request, _shard_job(self.plan)
         graph = request.graph
         for shard, first_id, batch in shards:
@@ -127,7 +121,7 @@ class _RayRunner:
         if self.in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight!r}")
 
-    def run(self, shards: Iterator, sink: "_Sink", bar: Any) -> None:
+    def run(self, shards: Iterator, sink: "Sink", bar: Any) -> None:
         import cloudpickle
         import ray
 
@@ -161,7 +155,7 @@ class _RayRunner:
                 raise
 
     @staticmethod
-    def _collect(running: dict, sink: "_Sink", bar: Any, when: str) -> None:
+    def _collect(running: dict, sink: "Sink", bar: Any, when: str) -> None:
         done, _ = cf.wait(list(running), return_when=when)
         for future in done:
             shard, rows = running.pop(future)
@@ -169,132 +163,8 @@ class _RayRunner:
             bar.update(rows)
 
     @staticmethod
-    def _keep_finished(running: dict, sink: "_Sink") -> None:
+    def _keep_finished(running: dict, sink: "Sink") -> None:
         cf.wait([f for f in running if not f.cancelled()])
         for future, (shard, _) in running.items():
             if not future.cancelled() and future.exception() is None:
                 sink.put(shard, future.result())
-
-
-@dataclass
-class _Manifest:
-    batch_size: int
-    source: str
-    plan: str
-    outputs: list
-    complete: bool = False
-    rows: Optional[int] = None
-    format: int = 1
-
-    def differs_from(self, other: "_Manifest") -> list[str]:
-        fields = ("format", "batch_size", "source", "plan", "outputs")
-        return [f for f in fields if getattr(self, f) != getattr(other, f)]
-
-
-class _Sink:
-    """Where shards go: Parquet part files in a directory (resumable), or tables kept for an in-memory dataset."""
-
-    def __init__(self, output: Any, plan: Plan, source: Source, batch_size: int, resume: bool, overwrite: bool):
-        self.tables: dict[int, pa.Table] = {}
-        self.directory = os.fspath(output)
-        self.manifest = _Manifest(batch_size, fingerprint(source), plan.digest, list(plan.outputs))
-        self.done: set[int] = set()
-        self._open(resume, overwrite, source)
-
-    @classmethod
-    def memory(cls) -> "_Sink":
-        sink = cls.__new__(cls)
-        sink.tables, sink.directory, sink.done = {}, None, set()
-        return sink
-
-    def _open(self, resume: bool, overwrite: bool, source: Source) -> None:
-        path = self.directory
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise NotADirectoryError(f"extract(output={path!r}) must be a directory; a file of that name exists")
-        os.makedirs(path, exist_ok=True)
-        manifest_path = os.path.join(path, MANIFEST)
-        ours = [f for f in os.listdir(path) if _is_part(f) or f.startswith((MANIFEST, ".part-"))]
-        others = [f for f in os.listdir(path) if f not in ours]
-        if not os.path.exists(manifest_path) and others:
-            raise FileExistsError(
-                f"extract(output={path!r}): the directory holds files that are not an extraction's "
-                f"({sorted(others)[:3]}...); give an empty or new directory"
-            )
-        if os.path.exists(manifest_path):
-            with open(manifest_path) as f:
-                previous = _Manifest(**json.load(f))
-            differs = previous.differs_from(self.manifest)
-            if overwrite:
-                for name in ours:
-                    os.remove(os.path.join(path, name))
-                logger.info("extract: overwriting the extraction in %s", path)
-            elif differs or not resume:
-                why = f"its {', '.join(differs)} differ(s) from this run's" if differs else "resume=False"
-                raise FileExistsError(
-                    f"extract(output={path!r}) holds another extraction ({why}); pass overwrite=True to replace it, "
-                    "or give a new directory"
-                )
-            else:
-                self.done = {_shard_of(f) for f in os.listdir(path) if _is_part(f)}
-                if self.done:
-                    logger.info("extract: resuming in %s; %d shard(s) already written", path, len(self.done))
-        for name in os.listdir(path):
-            if name.startswith(".part-"):  # a write that a crash cut short
-                os.remove(os.path.join(path, name))
-        self._write_manifest()
-
-    def has(self, shard: int) -> bool:
-        return shard in self.done
-
-    def put(self, shard: int, table: pa.Table) -> None:
-        if self.directory is None:
-            self.tables[shard] = table
-            return
-        final = os.path.join(self.directory, _part_name(shard))
-        temporary = os.path.join(self.directory, f".part-{shard:06d}-{uuid.uuid4().hex[:8]}.tmp")
-        pq.write_table(table, temporary)
-        os.replace(temporary, final)  # atomic: a part is whole or absent
-        self.done.add(shard)
-
-    def finish(self) -> None:
-        if self.directory is None:
-            return
-        rows = sum(pq.ParquetFile(os.path.join(self.directory, p)).metadata.num_rows for p in self._parts())
-        self.manifest.complete, self.manifest.rows = True, rows
-        self._write_manifest()
-        logger.info("extract: %d rows in %d part(s) in %s", rows, len(self.done), self.directory)
-
-    def dataset(self) -> Any:
-        import ray.data
-
-        from raysight.backends.ray import init
-
-        init()
-        if self.directory is None:
-            tables = [self.tables[s] for s in sorted(self.tables)]
-            ds = ray.data.from_arrow_refs([ray.put(t) for t in tables])
-        else:
-            ds = ray.data.read_parquet([os.path.join(self.directory, p) for p in self._parts()])
-        ds.context.execution_options.preserve_order = True  # rows come out by id
-        return ds
-
-    def _parts(self) -> list[str]:
-        return sorted(f for f in os.listdir(self.directory) if _is_part(f))
-
-    def _write_manifest(self) -> None:
-        temporary = os.path.join(self.directory, MANIFEST + ".tmp")
-        with open(temporary, "w") as f:
-            json.dump(self.manifest.__dict__, f, indent=1)
-        os.replace(temporary, os.path.join(self.directory, MANIFEST))
-
-
-def _part_name(shard: int) -> str:
-    return f"part-{shard:06d}.parquet"
-
-
-def _is_part(name: str) -> bool:
-    return name.startswith("part-") and name.endswith(".parquet")
-
-
-def _shard_of(name: str) -> int:
-    return int(name[len("part-"):-len(".parquet")])

@@ -318,3 +318,16 @@ def test_the_forward_pass_stops_once_every_output_is_computed(tiny_gpt2_path: An
     assert ran == []  # blocks after the last output read never ran
     raysight.extract(lm, list(PROMPTS), late, batch_size=2, remote=False)
     assert len(ran) == 2
+
+
+def test_output_may_be_a_filesystem_uri(mlp: MLP, rows: list[dict], tmp_path: pathlib.Path) -> None:
+    uri = (tmp_path / "out").as_uri()  # file://...: the path any pyarrow filesystem (s3://, gs://) takes
+    model = raysight.NNsight(mlp)
+    raysight.extract(model, rows, hidden_and_output, batch_size=4, remote=False, output=uri, preprocess=as_tensor)
+    parts = sorted((tmp_path / "out").glob("part-*.parquet"))
+    stamps = [os.stat(p).st_mtime_ns for p in parts]
+    ds = raysight.extract(model, rows, hidden_and_output, batch_size=4, remote=False, output=uri, preprocess=as_tensor)
+    assert [os.stat(p).st_mtime_ns for p in parts] == stamps  # resumed: nothing redone
+    with torch.no_grad():
+        assert torch.allclose(to_tensor(pq.read_table(parts), "out"), mlp(_inputs(rows)))
+    assert ds.count() == 10
