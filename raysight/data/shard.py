@@ -57,8 +57,8 @@ def run_shard(model: Any, graph: Any, forward_kwargs: dict, method: str, job: Sh
         fields.append(field)
         arrays.append(array)
     for column in job.keep_columns:
-        fields.append(pa.field(column, pa.array(batch[column][:1]).type))
-        arrays.append(pa.array(batch[column], fields[-1].type))
+        arrays.append(pa.array(batch[column]))
+        fields.append(pa.field(column, arrays[-1].type))
     for name, index in job.outputs.items():
         if index not in saved:
             raise RuntimeError(f"output {name!r} was never computed: the trace stopped before it, or it is in a "

@@ -46,7 +46,7 @@ class _Decoder:
         self.limit = 0  # nodes a value may reference: those recorded before the current one
         self.where = ""
         self.frames: Optional[list] = None  # a reply's out-of-band tensor bytes
-        self.tensors: dict[int, torch.Tensor] = {}  # by the encoder's share index ("same" refers to them)
+        self.tensors: dict[int, torch.Tensor] = {}  # by the tensor map's id: one object per id
 
     def fail(self, problem: str) -> WireError:
         return WireError(f"malformed request{self.where}: {problem}")
@@ -67,14 +67,14 @@ class _Decoder:
                     raise self.fail(f"reference to node {i!r}, which does not exist before this one")
                 return self.nodes[i]
             if tag == "tensor":
-                t = _decode_tensor(v, self)
-                if "id" in v:
-                    self.tensors[v["id"]] = t
-                return t
-            if tag == "same":
-                t = self.tensors.get(v.get("i"))
-                if t is None:
-                    raise self.fail(f"reference to tensor {v.get('i')!r}, which was not sent before it")
+                share = v.get("id")
+                if share is None:
+                    return _decode_tensor(v, self)
+                if type(share) is not int:
+                    raise self.fail(f"a tensor's id must be an int, got {share!r}")
+                t = self.tensors.get(share)
+                if t is None:  # the first occurrence of this tensor: every other one is this object
+                    t = self.tensors[share] = _decode_tensor(v, self)
                 return t
             if tag == "tuple":
                 return tuple(self.value(x, d) for x in self._items(v))

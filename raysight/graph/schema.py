@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from raysight.errors import RaysightError
 
-SCHEMA_VERSION = 2  # 2: a tensor sent twice is sent once (`id`, then `same`)
+SCHEMA_VERSION = 2  # 2: tensors carry an `id`; occurrences with one id decode to one object
 
 
 class WireError(RaysightError, ValueError):

@@ -47,7 +47,7 @@ class _Encoder:
         self.models = models  # model objects, in the order of WireRequest.models
         self.node: Optional[Node] = None
         self.frames = frames  # when set, tensor bytes go out of band (see encode_result)
-        self.tensors: dict[int, tuple[int, torch.Tensor]] = {}  # id -> (share index, tensor kept alive meanwhile)
+        self.tensors: dict[int, tuple[torch.Tensor, dict]] = {}  # id() -> (the tensor, its encoding)
 
     def model_ref(self, model: Any) -> int:
         for i, known in enumerate(self.models):
@@ -65,12 +65,14 @@ class _Encoder:
         if isinstance(v, torch.Tensor):
             # one object on this side is one object on the other (an optimizer's parameters are the ones the
             # trace uses; an in-place edit of a tensor shows wherever it is referenced)
+            # (each occurrence carries the data, so the decoder may meet them in any order: the first it decodes is
+            # the object every other occurrence of that id becomes)
             known = self.tensors.get(id(v))
             if known is not None:
-                return {"$": "same", "i": known[0]}
-            self.tensors[id(v)] = (len(self.tensors), v)
+                return known[1]
             out = _encode_tensor(v, self.frames)
-            out["id"] = len(self.tensors) - 1
+            out["id"] = len(self.tensors)
+            self.tensors[id(v)] = (v, out)  # v kept alive while encoding, so its id() stays its own
             return out
         if t is tuple:
             return {"$": "tuple", "items": [self.value(x) for x in v]}
