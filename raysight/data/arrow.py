@@ -79,7 +79,7 @@ def to_tensors(data: Any, column: str) -> list[torch.Tensor]:
     n = len(chunks)
     if n == 0:
         return []
-    if None not in shape:  # every row has the same shape: one reshape of the flat values
+    if None not in shape and _uniform(chunks, shape):  # every row has that shape: one reshape of the flat values
         values = _flat_values(chunks, len(shape))
         whole = torch.from_numpy(values.reshape(n, *shape).copy())
         return list(whole.to(dtype).unbind(0))
@@ -93,6 +93,19 @@ def to_tensor(data: Any, column: str) -> torch.Tensor:
     if rows and any(r.shape != rows[0].shape for r in rows):
         raise ValueError(f"rows of {column!r} differ in shape (e.g. prompts of different lengths); use to_tensors()")
     return torch.stack(rows) if rows else torch.empty(0)
+
+
+def _uniform(array: pa.Array, shape: list) -> bool:
+    """Whether every list at every level has the recorded length (a table read from several files carries the first
+    file's metadata, and each file's rows may have another shape)."""
+    import pyarrow.compute as pc
+
+    for size in shape:
+        lengths = pc.list_value_length(array)
+        if pc.min(lengths).as_py() != size or pc.max(lengths).as_py() != size:
+            return False
+        array = array.flatten()
+    return True
 
 
 def _flat_values(array: pa.Array, depth: int) -> np.ndarray:

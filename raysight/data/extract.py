@@ -111,15 +111,17 @@ class _RayRunner:
 
     def __init__(self, plan: Plan, pool: Any, max_in_flight: Optional[int]) -> None:
         from raysight.backends.ray import RayBackend, init, model_key, model_ref
+        from raysight.distributed.pool import registry
 
         init()
+        registry().check_cluster()  # a Ray that was shut down and started again: forget its pools and refs
         self.plan = plan
         self.keys = [model_key(plan.model)]
         self.refs = {self.keys[0]: model_ref(plan.model, self.keys[0])}
         self.pool = RayBackend(pool)._pool_for(self.keys)
+        if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
+            raise ValueError(f"max_in_flight must be a positive int (or None: twice the replicas), got {max_in_flight!r}")
         self.in_flight = max_in_flight or 2 * max(1, len(self.pool.actors))
-        if self.in_flight < 1:
-            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight!r}")
 
     def run(self, shards: Iterator, sink: "Sink", bar: Any) -> None:
         import cloudpickle

@@ -88,10 +88,29 @@ def plan_extraction(model: Any, fn: Callable, batch: dict, *, preprocess: Option
     if clash:
         raise ValueError(f"fn returns {sorted(clash)}, a name extraction uses for its own columns; rename it")
     _stop_after_outputs(request)
-    digest = hashlib.sha256(
-        f"{request.graph}\n{request.method}\n{sorted(outputs.items())}\n{inputs!r}\n{strip_padding}".encode()
-    ).hexdigest()[:16]
+    digest = _digest(model, request, outputs, inputs, preprocess, strip_padding, keep_columns)
     return Plan(model, request, inputs, outputs, preprocess, strip_padding, tuple(keep_columns), digest)
+
+
+def _digest(model: Any, request: Request, outputs: dict, inputs: Any, preprocess: Any, strip_padding: bool,
+            keep_columns: tuple) -> str:  # fmt: skip
+    """What makes two runs the same job (a resume must not mix rows of two): the graph (without source lines, so
+    editing the script elsewhere does not matter), the model and its edits, the outputs, the input template,
+    preprocess and the output options."""
+    edits = [[n.format() for n in g.nodes] for g in model.__dict__.get("_edits", [])]
+    module = model.__dict__.get("_module")
+    what = [
+        [n.format() for n in request.graph.nodes], request.method, sorted(outputs.items()), repr(inputs), edits,
+        str(model.__dict__.get("_source") or type(module).__qualname__), _callable_name(preprocess),
+        strip_padding, list(keep_columns),
+    ]  # fmt: skip
+    return hashlib.sha256(repr(what).encode()).hexdigest()[:16]
+
+
+def _callable_name(fn: Any) -> str:
+    if fn is None:
+        return ""
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
 
 def _stop_after_outputs(request: Request) -> None:

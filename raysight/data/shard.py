@@ -3,8 +3,9 @@
 This runs where the model is (this process, or a model actor): the batch's columns fill the trace's input, the
 model prepares it (a ``LanguageModel`` tokenizes), the recorded graph runs interleaved with the forward pass, and
 each returned value is split into rows. For a ``LanguageModel``, a ``tokens`` column holds each example's token ids
-without padding, and values with a token dimension (``[batch, tokens, ...]``) keep only the example's real tokens,
-unless the plan says ``strip_padding=False``.
+without padding, and values of shape ``[batch, tokens, features...]`` (three or more dimensions, the second the
+padded length) keep only the example's real tokens, unless the plan says ``strip_padding=False``. A 2-D value is
+never cut: its second dimension may equal the token count by chance (``[batch, hidden]``).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _rows(name: str, value: Any, n: int, mask: Optional[torch.Tensor]) -> list[t
             f"output {name!r} has shape {tuple(value.shape)}, whose first dimension is not the batch ({n} examples); "
             "return per-example values (keep the batch dimension)"
         )
-    if mask is not None and value.dim() >= 2 and value.shape[1] == mask.shape[1]:
+    if mask is not None and value.dim() >= 3 and value.shape[1] == mask.shape[1]:  # [batch, tokens, features...]
         mask = mask.to(value.device)
         return [value[i][mask[i]] for i in range(n)]
     return list(value.unbind(0))

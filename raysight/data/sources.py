@@ -44,7 +44,8 @@ def as_source(data: Any) -> Source:
     ):
         return _files([data] if isinstance(data, (str, os.PathLike)) else list(data))
     if isinstance(data, pa.Table):
-        return Source(lambda n: _table_batches(data, n), data.num_rows, f"pyarrow.Table ({data.num_rows} rows)")
+        return Source(lambda n: _table_batches(data, n), data.num_rows,
+                      f"pyarrow.Table ({data.num_rows} rows, {_table_digest(data)})")  # fmt: skip
     if isinstance(data, (list, tuple)):
         return _sequence(data)
     kind = type(data)
@@ -62,6 +63,15 @@ def as_source(data: Any) -> Source:
 def fingerprint(source: Source) -> str:
     """A short digest of what the source describes (paths, sizes), recorded with an output to check a resume."""
     return hashlib.sha256(source.description.encode()).hexdigest()[:16]
+
+
+def _table_digest(table: pa.Table) -> str:
+    import pyarrow.ipc as ipc
+
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue()).hexdigest()[:16]
 
 
 def _rows_in(batch: dict[str, list]) -> int:

@@ -60,6 +60,8 @@ def run_parts(payload: bytes, parts: list[Part], pools: list[Any], model_index: 
 
     started: list[tuple[Any, tuple, Any]] = []
     exports: dict[int, Any] = {}
+    replies: list[tuple[str, Any]] = []
+    died = False
     try:
         for part, pool in zip(parts, pools):
             spec = {"nodes": part.nodes, "exports": sorted(part.exports), "needs": sorted(part.needs),
@@ -68,20 +70,24 @@ def run_parts(payload: bytes, parts: list[Part], pools: list[Any], model_index: 
             replica, (reply, exported) = pool.submit("run_part", keys, refs, payload, spec, *imports, num_returns=2)
             started.append((pool, replica, reply))
             exports[part.index] = exported
-        replies, died = [], False
-        for pool, replica, reply in started:
+        while started:
+            pool, replica, reply = started[0]
             try:
                 replies.append(ray.get(reply))
-            except ray.exceptions.RayActorError:
+            except ray.exceptions.RayActorError as exc:
+                # this part's own actor died, or (ActorDiedError of an argument) the actor of a part before it
+                own = getattr(exc, "actor_id", None) in (None, replica[1]._actor_id.hex())
                 died = True
-                replies.append(None)
-                pool.done(replica, died=True)
-                replica = None
-            if replica is not None:
-                pool.done(replica)
-        started = []
+                started.pop(0)
+                pool.done(replica, died=own)
+                replies.append(("died", None))
+                continue
+            except ray.exceptions.RayTaskError as exc:  # a value could not travel between parts (e.g. unpicklable)
+                replies.append(("error", _travel_error(exc)))
+            started.pop(0)
+            pool.done(replica)
     finally:
-        for pool, replica, _ in started:  # interrupted before collecting: release what is still counted
+        for pool, replica, _ in started:  # interrupted before collecting these: release what is still counted
             pool.done(replica)
     if died:
         raise _ActorDied()
@@ -103,6 +109,16 @@ def collect(replies: list[tuple[str, Any]]) -> dict[int, Any]:
             relay_logs(logs)
             saved.update(values)
     return saved
+
+
+def _travel_error(exc: Any) -> dict:
+    from raysight.distributed.actor import error_info
+
+    cause = getattr(exc, "cause", None) or exc
+    info = error_info(cause)
+    info["message"] = (f"a value could not be passed between the parts of this session ({info['message']}); values "
+                       "that later traces use must be picklable (tensors, numbers, lists, dicts)")  # fmt: skip
+    return info
 
 
 class _ActorDied(Exception):

@@ -77,3 +77,14 @@ def test_bad_columns_are_refused_with_the_reason() -> None:
         to_tensors(table, "n")
     with pytest.raises(KeyError, match="no column 'x'"):
         to_tensors(table, "x")
+
+
+def test_parts_with_different_recorded_shapes_read_back_row_by_row(tmp_path: pathlib.Path) -> None:
+    rows = [torch.randn(n, 3, generator=torch.Generator().manual_seed(n)) for n in (5, 3, 7)]
+    paths = []
+    for i, row in enumerate(rows):  # one part per row: each records its own row's shape as fixed
+        paths.append(tmp_path / f"part-{i}.parquet")
+        pq.write_table(_table(h=[row]), paths[-1])
+    table = pq.read_table(paths)  # the schema (metadata included) of the first part
+    assert tensor_info(table.schema.field("h"))[1] == [5, 3]
+    assert all(torch.equal(a, b) for a, b in zip(to_tensors(table, "h"), rows))

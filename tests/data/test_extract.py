@@ -331,3 +331,37 @@ def test_output_may_be_a_filesystem_uri(mlp: MLP, rows: list[dict], tmp_path: pa
     with torch.no_grad():
         assert torch.allclose(to_tensor(pq.read_table(parts), "out"), mlp(_inputs(rows)))
     assert ds.count() == 10
+
+
+def test_a_2d_value_whose_width_equals_the_token_count_is_not_cut(tiny_gpt2: Any) -> None:
+    texts = ["a b c", "hello"]  # 5 and 3 tokens: the padded length is 5
+    padded = tiny_gpt2.tokenizer(texts, padding=True, return_tensors="pt")["input_ids"].shape[1]
+
+    def fn(model: Any, batch: dict) -> dict:
+        with model.trace(batch["text"]):
+            return {"last": model.transformer.h[0].output[:, -1, :padded]}
+
+    table = table_of(raysight.extract(tiny_gpt2, texts, fn, batch_size=2, remote=False))
+    assert [tuple(t.shape) for t in to_tensors(table, "last")] == [(padded,), (padded,)]
+
+
+def test_a_resume_with_another_model_edit_or_columns_is_refused(mlp: MLP, rows: list[dict],
+                                                                tmp_path: pathlib.Path) -> None:  # fmt: skip
+    model, out = raysight.NNsight(mlp), tmp_path / "out"
+    raysight.extract(model, rows, hidden_and_output, batch_size=4, remote=False, output=out, preprocess=as_tensor)
+    with model.edit() as edited:
+        model.layer1.output[:, 0] = 0
+    attempts = [
+        dict(model=edited, keep_columns=()),
+        dict(model=model, keep_columns=["label"]),
+        dict(model=model, preprocess=_other),
+    ]
+    for attempt in attempts:
+        kwargs = {"preprocess": as_tensor, "keep_columns": (), **attempt}
+        used = kwargs.pop("model")
+        with pytest.raises(FileExistsError, match="plan differ"):
+            raysight.extract(used, rows, hidden_and_output, batch_size=4, remote=False, output=out, **kwargs)
+
+
+def _other(batch: dict) -> dict:
+    return {**batch, "x": torch.tensor(batch["x"]) * 2}
