@@ -21,6 +21,7 @@ from raysight.backends.base import Request
 from raysight.errors import RaysightError, RemoteExecutionError
 from raysight.graph.serialize import Limits, WireError, decode_request, decode_result, encode_request, encode_result
 from raysight.runtime.execute import run_session, run_trace
+from raysight.runtime.state import SKIPPED
 
 
 def serve(payload: bytes, resolve_model: Callable[[int], Any], limits: Limits, trusted: bool) -> bytes:
@@ -101,7 +102,11 @@ def serve_part(payload: bytes, resolve_model: Callable[[int], Any], limits: Limi
             raise RemoteExecutionError.wrap(exc) from exc
         text = logs.getvalue()
         saved = {i: v for i, v in values.items() if i in wanted}
-        exports = {i: values[i] for i in part["exports"] if i in values}  # absent: skipped (a cond that did not run)
+        for i, v in given.items():  # a value from an earlier part that the user saved: as this part left it
+            if i in wanted and v is not SKIPPED:
+                saved[i] = v
+        kept = {**{i: v for i, v in given.items() if v is not SKIPPED}, **values}  # (given objects: as changed here)
+        exports = {i: kept[i] for i in part["exports"] if i in kept}  # absent: skipped (a cond that did not run)
         return bytes(encode_result(saved, limits, [text] if text else [])), exports
     except BaseException as exc:
         exc._raysight_logs = logs.getvalue()  # type: ignore[attr-defined]

@@ -121,17 +121,22 @@ def split_session(graph: Graph, place: Callable[[Any], Any]) -> list[Part]:
     for i, part in enumerate(parts):
         part.index = i
     part_of = {t: p.index for p in parts for t in p.nodes}
+    holder: dict[int, int] = {}  # a value shared by parts -> the last part that had it (and may have changed it)
     for part in parts:
+        taken: set[int] = set()
         for t in part.nodes:
             for n in _subtree(graph.nodes[t]):
                 if n.op is Op.TRACE:
                     part.models[id(n.target.model)] = n.target.model
                 for d in n.deps:
-                    source = part_of[owner[d.index]]
+                    source = holder.get(d.index, part_of[owner[d.index]])
                     if source != part.index:
                         part.needs.add(d.index)
                         part.after.add(source)
                         parts[source].exports.add(d.index)
+                        taken.add(d.index)
+        for index in taken:  # a list appended to, a tensor edited in place: later parts take this part's version
+            holder[index] = part.index
     return parts
 
 
@@ -150,12 +155,30 @@ def _splittable(graph: Graph) -> bool:
         if node.op is Op.STOP:  # session.stop() outside loops ends everything after it
             return False
     for node in graph.walk():
+        if _changes_a_constant(node):  # each part gets its own copy of the client's objects: keep one
+            return False
         if node.op is Op.CALL_METHOD and node.target in ("backward", "step", "zero_grad"):
             return False  # training: the parameters it changes are shared state, kept on one actor
         target = node.target
         if node.op is Op.CALL_FUNCTION and getattr(target, "__module__", "").startswith("torch.optim"):
             return False
     return True
+
+
+_IN_PLACE_OPERATORS = {"setitem", "delitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow",
+                       "iand", "ior", "ixor", "ilshift", "irshift", "imatmul"}  # fmt: skip
+
+
+def _changes_a_constant(node: Node) -> bool:
+    """An in-place change (``add_``, ``append``, ``x[i] = v``) of an object the client put into the graph."""
+    if node.op not in (Op.CALL_METHOD, Op.CALL_FUNCTION) or not node.args or isinstance(node.args[0], Node):
+        return False
+    first, target = node.args[0], node.target
+    if not isinstance(first, (list, dict, set)) and not hasattr(first, "data_ptr"):
+        return False
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return (name.endswith("_") and not name.startswith("__")) or name in _IN_PLACE_OPERATORS or name in (
+        "append", "extend", "insert", "pop", "remove", "clear", "update", "add", "discard")  # fmt: skip
 
 
 def _walk_outside_loops(body: list[Node]) -> Any:

@@ -149,3 +149,25 @@ def test_a_loop_and_an_independent_trace_split_and_equal_plain_pytorch(mlp: MLP,
         for got, batch in zip(outs.value, [x, x + 1, x - 1]):
             assert torch.allclose(got, mlp(batch))
         assert torch.allclose(alone.value, mlp(x * 3))
+
+
+def test_a_list_appended_to_on_two_pools_is_whole_where_it_is_read(mlp: MLP, other: MLP, x: torch.Tensor) -> None:
+    base, tuned, backend = raysight.NNsight(mlp), raysight.NNsight(other), RayBackend()
+    pools = [raysight.serve(base, name="split-list-a"), raysight.serve(tuned, name="split-list-b")]
+    try:
+        with base.session(backend=backend):
+            outs = raysight.list().save()
+            with base.trace(x):
+                outs.append(base.output)
+            with tuned.trace(x):
+                outs.append(tuned.output)
+            with base.trace(x):
+                count = raysight.apply(len, outs).save()
+        assert len(backend.last_plan.parts) == 3
+        assert count.value == 2
+        with torch.no_grad():
+            assert len(outs.value) == 2  # the client gets the list as the last part left it
+            assert torch.allclose(outs.value[0], mlp(x)) and torch.allclose(outs.value[1], other(x))
+    finally:
+        for pool in pools:
+            pool.shutdown()

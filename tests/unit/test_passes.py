@@ -138,3 +138,36 @@ def test_values_that_run_no_model_go_with_the_first_part(mlp: MLP) -> None:
     assert len(parts) == 2
     assert sorted(parts[0].nodes + parts[1].nodes) == [n.index for n in graph.body]
     assert graph.body[1].index in parts[0].nodes
+
+
+def test_a_value_changed_by_a_later_part_is_taken_from_that_part(mlp: MLP) -> None:
+    torch.manual_seed(1)
+    a, b, x = raysight.NNsight(mlp), raysight.NNsight(MLP()), torch.randn(2, 5)
+    seen = {}
+
+    def body(session: Any) -> None:
+        seen["l"] = raysight.list()
+        with a.trace(x):
+            seen["l"].append(a.output)
+        with b.trace(x):
+            seen["l"].append(b.output)
+        with a.trace(x):
+            raysight.apply(len, seen["l"]).save()
+
+    parts = split_session(recorded(a, body), lambda m: "A" if m is a else "B")
+    assert [p.label for p in parts] == ["A", "B", "A"]
+    index = seen["l"].node.index
+    assert parts[1].after == {0} and parts[2].after == {1}  # the third part waits for the second's list
+    assert index in parts[1].exports and index in parts[2].needs
+
+
+def test_a_session_that_changes_a_tensor_of_the_client_in_place_stays_whole(mlp: MLP) -> None:
+    model, x, buffer = raysight.NNsight(mlp), torch.randn(2, 5), torch.zeros(2)
+
+    def body(session: Any) -> None:
+        with model.trace(x):
+            raysight.apply(torch.Tensor.add_, buffer, model.output[:, 0])
+        with model.trace(x + 1):
+            (model.output + buffer).save()
+
+    assert len(split_session(recorded(model, body), one_place)) == 1
