@@ -50,7 +50,7 @@ class ModelServer:
     def run(self, payload: bytes, keys: list[str], refs: dict[str, Any]) -> tuple[str, Any]:
         try:
             self._hold(keys, refs)
-            result = serve(payload, lambda i: self.models[keys[i]], self.limits, self.trusted)
+            result = serve(payload, self._resolver(keys), self.limits, self.trusted)
             return "ok", bytes(result)
         except Exception as exc:  # reported to the client, which raises it there with the same type and notes
             return "error", error_info(exc)
@@ -80,11 +80,29 @@ class ModelServer:
             given: dict[int, Any] = {i: SKIPPED for i in part["needs"]}  # what an earlier part's cond skipped
             for exported in imports:
                 given.update(exported)
-            resolve = lambda i: self.models[keys[i]] if i in used else _Elsewhere(keys[i])  # noqa: E731
-            result, exports = serve_part(payload, resolve, self.limits, self.trusted, part, given)
+            result, exports = serve_part(payload, self._resolver(keys, used), self.limits, self.trusted, part, given)
             return ("ok", result), exports
         except Exception as exc:
             return ("error", error_info(exc)), None
+
+    def _resolver(self, keys: list[str], used: Optional[set] = None) -> Any:
+        """Model index -> the model this request runs. A model and an edited copy of it share a key (edits travel
+        per request): the second index of a key gets a copy sharing the weights, so each keeps its own edits.
+        Models of other parts of a split session (not in ``used``) are never run here."""
+        chosen: dict[int, Any] = {}
+        taken: set[str] = set()
+
+        def resolve(i: int) -> Any:
+            if used is not None and i not in used:
+                return _Elsewhere(keys[i])
+            model = chosen.get(i)
+            if model is None:
+                held = self.models[keys[i]]
+                model = chosen[i] = held._copy() if keys[i] in taken else held
+                taken.add(keys[i])
+            return model
+
+        return resolve
 
     def _hold(self, keys: list[str], refs: dict[str, Any]) -> None:
         import ray

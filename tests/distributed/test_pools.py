@@ -260,3 +260,22 @@ def test_a_module_attached_after_a_remote_run_reaches_the_actor(mlp: MLP, x: tor
         read = model.layer1.probe(model.layer1.output).save()
     with torch.no_grad():
         assert torch.allclose(read.value, probe(mlp.layer1(x)))
+
+
+def test_a_model_and_its_edited_copy_in_one_remote_session_keep_their_own_edits(mlp: MLP, x: torch.Tensor) -> None:
+    from raysight.backends.ray import RayBackend
+
+    model = raysight.NNsight(mlp)
+    with model.trace(x, remote=True):  # the model is on the actor before the edited copy exists
+        model.output.save()
+    with model.edit() as edited:
+        model.layer1.output[:] = 0
+    for split in (True, False):
+        with model.session(backend=RayBackend(split=split)):
+            with model.trace(x):
+                plain = model.output.save()
+            with edited.trace(x):
+                zeroed = (edited.output + 0 * plain).save()
+        with torch.no_grad():
+            assert torch.allclose(plain.value, mlp(x)), split
+            assert torch.allclose(zeroed.value, mlp.layer2.bias.expand(3, 2)), split
