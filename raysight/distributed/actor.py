@@ -175,6 +175,7 @@ def error_info(exc: BaseException) -> dict:
         "notes": list(getattr(exc, "__notes__", [])),
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         "logs": getattr(exc, "_raysight_logs", ""),
+        "node": getattr(exc, "_raysight_node", getattr(cause, "_raysight_node", None)),  # the failing node's index
     }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from raysight.errors import RemoteExecutionError
 from raysight.graph.passes import Part, split_session
@@ -94,14 +94,22 @@ def run_parts(payload: bytes, parts: list[Part], pools: list[Any], model_index: 
     return replies
 
 
-def collect(replies: list[tuple[str, Any]]) -> dict[int, Any]:
-    """The saved values of all parts, their ``tracer.log`` lines printed in part order; the first error raised."""
+def collect(replies: list[tuple[str, Any]], max_saved_bytes: Optional[int] = None) -> dict[int, Any]:
+    """The saved values of all parts, their ``tracer.log`` lines printed in part order. When parts failed, the error
+    of the failing node first in program order is raised (as a local run would raise it)."""
     from raysight.backends.wire import relay_logs
-    from raysight.graph.serialize import decode_result
+    from raysight.graph.serialize import WireError, decode_result
 
+    failed = [(value.get("node") if value.get("node") is not None else float("inf"), k)
+              for k, (status, value) in enumerate(replies) if status == "error"]  # fmt: skip
+    first = min(failed)[1] if failed else None
+    size = sum(len(value) for status, value in replies if status == "ok")
+    if first is None and max_saved_bytes is not None and size > max_saved_bytes:
+        raise WireError(f"the session's saved values take {size} bytes over its parts, over the limit of "
+                        f"{max_saved_bytes}; save less (e.g. slices or reductions) or raise Limits.max_saved_bytes")  # fmt: skip
     saved: dict[int, Any] = {}
-    for status, value in replies:
-        if status == "error":
+    for k, (status, value) in enumerate(replies):
+        if k == first:
             relay_logs(value.get("logs", ""))
             raise RemoteExecutionError.rebuild(value)
         if status == "ok":
@@ -140,5 +148,5 @@ def run_split(payload: bytes, parts: list[Part], pools: list[Any], model_index: 
                 ) from None
             logger.warning("an actor running a part of the session died; replaced it, running the session again")
             continue
-        return collect(replies)
+        return collect(replies, min(pool.config.limits.max_saved_bytes for pool in pools))
     raise AssertionError("unreachable")

@@ -171,3 +171,44 @@ def test_a_list_appended_to_on_two_pools_is_whole_where_it_is_read(mlp: MLP, oth
     finally:
         for pool in pools:
             pool.shutdown()
+
+
+def test_of_two_failing_parts_the_error_first_in_program_order_is_raised(mlp: MLP, x: torch.Tensor) -> None:
+    model, backend = raysight.NNsight(mlp), RayBackend()
+
+    def session(backend: Any) -> None:
+        with model.session(backend=backend):
+            with model.trace(x):
+                first = model.output
+            with model.trace(x):  # independent of the others: its own part, after the first part in program order
+                model.output[:, 100].save()
+            with model.trace(first[:, :1].expand(3, 5)):  # with the first trace: part 0
+                (model.output + first[:, 200]).save()
+
+    with pytest.raises(IndexError) as local:
+        session(raysight.backends.local.LocalBackend())
+    with pytest.raises(IndexError) as remote:
+        session(backend)
+    assert len(backend.last_plan.parts) == 2 and backend.last_plan.parts[0].nodes[-1] > backend.last_plan.parts[1].nodes[0]
+    assert "100" in str(local.value) and "100" in str(remote.value)
+
+
+def test_the_saved_bytes_limit_holds_for_the_whole_split_session(mlp: MLP) -> None:
+    from raysight.graph.schema import Limits
+
+    model, backend = raysight.NNsight(mlp), RayBackend()
+    big = torch.randn(64, 5)  # each trace saves 64 x 2 float32 = 512 bytes, plus the reply's header
+    pool = raysight.serve(model, name="split-limit", limits=Limits(max_saved_bytes=1200))
+    try:
+        with model.session(backend=backend):  # one trace alone fits
+            with model.trace(big):
+                alone = model.output.save()
+        assert alone.value.shape == (64, 2)
+        with pytest.raises(raysight.graph.serialize.WireError, match="over its parts, over the limit of 1200"):
+            with model.session(backend=backend):
+                for scale in (1, 2, 3):
+                    with model.trace(big * scale):
+                        model.output.save()
+        assert len(backend.last_plan.parts) == 3
+    finally:
+        pool.shutdown()
