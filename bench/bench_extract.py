@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from typing import Any, Callable
@@ -35,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 import raysight
+from _report import print_medians
 from raysight.data import tensor_field
 from raysight.models.tiny import tiny_lm_path
 
@@ -179,13 +179,8 @@ def main() -> None:
             shutil.rmtree(out)
     for pool in pools:
         pool.shutdown()
-    base = statistics.median(samples["hooks"])
-    print(f"\nextraction of {prompts_n} prompts, batch {args.batch_size}, GPT-2 {args.layers}x{args.width}, "
-          f"blocks {layers}; median of {rounds} rounds (load {os.getloadavg()[0]:.2f})")
-    print(f"{'implementation':<20} {'rows/s':>10} {'vs hooks':>10}")
-    for name, values in samples.items():
-        median = statistics.median(values)
-        print(f"{name:<20} {median:>10.1f} {median / base:>9.2f}x")
+    print_medians(f"extraction of {prompts_n} prompts, batch {args.batch_size}, GPT-2 {args.layers}x{args.width}, "
+                  f"blocks {layers}; median of {rounds} rounds", samples, "hooks", "rows/s", True, digits=1)
     shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -16,14 +16,13 @@ makes one part per trace. Implementations (interleaved by round; medians of the 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import time
 
 import torch
 from torch import nn
 
 import raysight
+from _report import print_medians
 from raysight.backends.local import LocalBackend
 from raysight.backends.ray import RayBackend
 
@@ -64,14 +63,8 @@ def main() -> None:
             session(impls[name])
             samples[name].append(time.perf_counter() - start)
     pool.shutdown()
-    base = statistics.median(samples["local"])
-    print(f"\nsession of {args.traces} independent traces (6 x TransformerEncoderLayer(512), input 4 x 128), "
-          f"median of {args.rounds} rounds; load {os.getloadavg()[0]:.2f}")
-    print(f"{'implementation':<14} {'seconds':>9} {'vs local':>9}")
-    for name, values in samples.items():
-        median = statistics.median(values)
-        print(f"{name:<14} {median:>9.3f} {base / median:>8.2f}x")
-
+    print_medians(f"session of {args.traces} independent traces (6 x TransformerEncoderLayer(512), input 4 x 128), "
+                  f"median of {args.rounds} rounds", samples, "local", "seconds", False)
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@ from typing import Any
 
 import raysight
 from raysight.data import to_tensors
+from raysight.models.language import decoder_blocks_path
 
 logger = logging.getLogger("raysight.jobs.extract")
 
@@ -48,16 +49,6 @@ def parse(argv: Any = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def blocks_of(model: Any) -> Any:
-    """The decoder blocks of a causal LM (GPT-2's transformer.h, Llama's model.layers, NeoX's gpt_neox.layers)."""
-    for path in ("transformer.h", "model.layers", "gpt_neox.layers"):
-        try:
-            return model.get(path)
-        except (AttributeError, KeyError):
-            continue
-    raise SystemExit("cannot find the model's decoder blocks (looked for transformer.h, model.layers, gpt_neox.layers)")
-
-
 def main(argv: Any = None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -66,14 +57,14 @@ def main(argv: Any = None) -> int:
 
         args.model = str(tiny_lm_path())
     model = raysight.LanguageModel(args.model)  # on the meta device: the actors load the weights
-    blocks = blocks_of(model)
-    layers = list(range(len(blocks))) if args.layers == "all" else [int(i) for i in args.layers.split(",")]
+    blocks = decoder_blocks_path(model)
+    layers = list(range(len(model.get(blocks)))) if args.layers == "all" else [int(i) for i in args.layers.split(",")]
     column = args.text_column
     data = args.data or [{column: SAMPLE[i % len(SAMPLE)] + f" ({i})"} for i in range(args.rows)]
 
     def fn(model: Any, batch: dict) -> dict:
         with model.trace(batch[column]):
-            return {f"h{i}": _hidden(blocks_of(model)[i].output) for i in layers}
+            return {f"h{i}": _hidden(model.get(f"{blocks}.{i}").output) for i in layers}
 
     if not args.local:
         raysight.init(args.address)

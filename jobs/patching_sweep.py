@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import raysight
+from raysight.models.language import decoder_blocks_path
 
 logger = logging.getLogger("raysight.jobs.patching_sweep")
 
@@ -36,16 +37,6 @@ def parse(argv: Any = None) -> argparse.Namespace:
     p.add_argument("--address", default=None, help="a Ray cluster to connect to (default: RAY_ADDRESS, else local)")
     p.add_argument("--local", action="store_true", help="run in this process, without Ray")
     return p.parse_args(argv)
-
-
-def blocks_path(model: Any) -> str:
-    for path in ("transformer.h", "model.layers", "gpt_neox.layers"):
-        try:
-            model.get(path)
-            return path
-        except (AttributeError, KeyError):
-            continue
-    raise SystemExit("cannot find the model's decoder blocks (looked for transformer.h, model.layers, gpt_neox.layers)")
 
 
 def answer_logit(model: Any, clean: str, corrupt: str, answer: int, where: Any, remote: bool) -> float:
@@ -82,7 +73,7 @@ def main(argv: Any = None) -> int:
         raysight.init(args.address)
         if args.replicas > 1:
             raysight.serve(model, replicas=args.replicas)
-    path = blocks_path(model)
+    path = decoder_blocks_path(model)
     layers = len(model.get(path))
     cells = [(f"{path}.{layer}", position) for layer in range(layers) for position in range(len(clean_ids))]
     clean_logit = _clean_logit(model, args.clean, answer, remote)

@@ -373,3 +373,18 @@ def _first_device(module: torch.nn.Module) -> torch.device:
         if p.device.type != "meta":
             return p.device
     return torch.device("cpu")
+
+
+DECODER_BLOCKS = ("transformer.h", "model.layers", "gpt_neox.layers")  # GPT-2, Llama/Mistral/Qwen, GPT-NeoX
+
+
+def decoder_blocks_path(model: Any) -> str:
+    """Where a causal LM keeps its decoder blocks (``model.get(path)`` is their ModuleList), for scripts that work
+    across architectures."""
+    for path in DECODER_BLOCKS:
+        try:
+            model.get(path)
+            return path
+        except (AttributeError, KeyError):
+            continue
+    raise ValueError(f"cannot find the model's decoder blocks (looked for {', '.join(DECODER_BLOCKS)})")

@@ -10,20 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import raysight
+from helpers import MLP
 from raysight.backends.base import InvokeInputs, Request
 from raysight.backends.wire import WireBackend, serve
 from raysight.graph.serialize import SCHEMA_VERSION, Limits, WireError, decode_request, encode_request
 from raysight.tracing.tracer import Tracer
-
-
-class MLP(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer1 = torch.nn.Linear(5, 10)
-        self.layer2 = torch.nn.Linear(10, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer2(self.layer1(x))
 
 
 @pytest.fixture()
