@@ -149,6 +149,18 @@ class Envoy:
     nns_input = _ModuleValue("input", "``.input``, also when a child module is named ``input``.")
     nns_inputs = _ModuleValue("inputs", "``.inputs``, also when a child module is named ``inputs``.")
 
+    def skip(self, value: Any) -> None:
+        """Do not run this module in the forward pass: its output is ``value`` instead (the module's input is still
+        seen by its pre-hooks; nothing inside it runs, so reads of its submodules find nothing). Inside an invoke
+        that holds only some rows of the batch, the module runs and those rows of its output become ``value``."""
+        if not self._path:
+            raise TraceError("the root module cannot be skipped (nothing would run); skip one of its submodules, or "
+                             "set `model.output = ...`")  # fmt: skip
+        rec = _CURRENT.get()
+        if rec is None or not rec.recording or rec.root_module is not self._root._module:
+            rec = self._recorder("skip()")
+        rec.record_access(WRITE, self._path, "skip", (value,))
+
     def next(self, steps: int = 1) -> "Envoy":
         """Later accesses of this module and its descendants refer to their next call (chainable)."""
         rec = self._recorder("next()")

@@ -98,7 +98,7 @@ class _Decoder:
                 return torch.device(str(v["name"]))
             if tag == "location":
                 call = self.value(v["call"], d)
-                if v["key"] not in ("output", "input", "inputs") or not isinstance(v["path"], str):
+                if v["key"] not in ("output", "input", "inputs", "skip") or not isinstance(v["path"], str):
                     raise self.fail(f"bad location {v['path']!r}.{v['key']!r}")
                 if not (type(call) is int and call >= 0) and type(call) is not Calls:
                     raise self.fail(f"bad call selector {call!r}")

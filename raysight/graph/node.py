@@ -85,7 +85,7 @@ class Location(NamedTuple):
     (A named tuple: immutable, hashable and cheap to create on the hot path of recording.)"""
 
     path: str  # dotted module path; "" is the root module
-    key: str  # "output", "input" (first argument) or "inputs" ((args, kwargs))
+    key: str  # "output", "input" (first argument), "inputs" ((args, kwargs)) or "skip" (WRITE: replaces the call)
     call: Union[int, Calls] = 0  # which call of the module in this run (0 = the first)
 
     @property

@@ -1,7 +1,9 @@
 """Hooks for exactly the module locations a graph needs, installed for one run and always removed.
 
 One forward pre-hook per module whose input is read or written, one forward hook per module whose output is;
-each hands the value to the interleaver and returns the replacement if an intervention wrote one.
+each hands the value to the interleaver and returns the replacement if an intervention wrote one. A module a graph
+may skip (``envoy.skip(value)``) also gets, for the run, an instance ``forward`` that returns the value instead of
+running when its pre-hook was handed one.
 
 The root module is the exception when the run calls it exactly once (a forward pass): its events are delivered
 around that call by :meth:`HookSet.call_root`, without hooks. A hooked module takes torch's slow call path, and
@@ -15,6 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from raysight.graph.node import Location
+from raysight.runtime.batching import replace_rows
 from raysight.runtime.interpreter import Interleaver
 
 ROOT_INPUT = ("", True)
@@ -39,16 +42,24 @@ class HookSet:
             keys.discard(ROOT_INPUT)
             keys.discard(ROOT_OUTPUT)
         self._keys = keys
+        self._skipped = {loc.path for loc in locations if loc.key == "skip"}
         self._module_at = module_at
         self._on_event = interleaver.on_event
         self._handles: list[Any] = []
+        self._forwards: list[tuple[torch.nn.Module, Any]] = []  # modules given a skipping forward: (module, old)
 
     def __enter__(self) -> "HookSet":
         module_at, on_event, handles = self._module_at, self._on_event, self._handles
         try:
             for key in self._keys:
                 module = module_at(key[0])
-                if key[1]:
+                if key[1] and key[0] in self._skipped:
+                    pending: list = []
+                    handles.append(module.register_forward_pre_hook(_skip_pre_hook(key, on_event, pending),
+                                                                    with_kwargs=True))  # fmt: skip
+                    self._forwards.append((module, module.__dict__.get("forward", _NONE)))
+                    module.__dict__["forward"] = _skipping_forward(module.forward, pending)
+                elif key[1]:
                     handles.append(module.register_forward_pre_hook(_pre_hook(key, on_event), with_kwargs=True))
                 else:
                     handles.append(module.register_forward_hook(_post_hook(key, on_event)))
@@ -64,6 +75,12 @@ class HookSet:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module, old in reversed(self._forwards):
+            if old is _NONE:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = old  # (accelerate, for one, keeps its own forward there)
+        self._forwards.clear()
 
     def call_root(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         """Call the root module as its hooks would see it: input event, forward, output event."""
@@ -85,6 +102,37 @@ def _pre_hook(key: tuple, on_event: Callable) -> Callable:
         return event.value if event.modified else None
 
     return hook
+
+
+def _skip_pre_hook(key: tuple, on_event: Callable, pending: list) -> Callable:
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        event = on_event(key, (args, kwargs))
+        pending.append(event.skips)  # one entry per call (None: this call runs), taken by the forward below
+        return event.value if event.modified else None
+
+    return hook
+
+
+def _skipping_forward(forward: Callable, pending: list) -> Callable:
+    """The module's forward for one run: a call whose input event was handed a skip returns the skip's value. When
+    the skip covers only some invokes' rows, the module runs and those rows of its output are replaced."""
+
+    def skipping(*args: Any, **kwargs: Any) -> Any:
+        skips = pending.pop() if pending else None
+        if skips is None:
+            return forward(*args, **kwargs)
+        whole = [value for rows, value, _ in skips if rows is None]
+        if whole:
+            return whole[-1]
+        output = forward(*args, **kwargs)
+        for rows, value, where in skips:
+            output = replace_rows(output, rows, value, where)
+        return output
+
+    return skipping
+
+
+_NONE = object()
 
 
 def _post_hook(key: tuple, on_event: Callable) -> Callable:

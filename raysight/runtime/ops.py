@@ -44,8 +44,13 @@ class Ops:
     def write(self, node: Node, stream: Stream, event: Event) -> None:
         loc: Location = node.target
         new = self._load(node.args[0])
-        current = _select(event.value, loc.key)
         where = f"{loc} in {stream.label}"
+        if loc.key == "skip":  # the module's forward is not run: the hooks' forward hands back `new` (hooks.py)
+            if event.skips is None:
+                event.skips = []
+            event.skips.append((stream.rows, new, where))
+            return None
+        current = _select(event.value, loc.key)
         if same_view(new, narrow(current, stream.rows)):
             return None  # an in-place edit written back (`x += 1`): the batch already holds it
         if loc.key == "output":

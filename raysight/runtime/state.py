@@ -39,13 +39,14 @@ class EarlyStop(Exception):
 class Event:
     """A module's value as a hook delivers it; writes replace ``value`` and set ``modified``."""
 
-    __slots__ = ("key", "call", "value", "modified")
+    __slots__ = ("key", "call", "value", "modified", "skips")
 
     def __init__(self, key: tuple, call: int, value: Any) -> None:
         self.key = key  # (module path, is_input)
         self.call = call
         self.value = value
         self.modified = False
+        self.skips: Optional[list] = None  # `envoy.skip(value)` at this input event: [(rows, value, where)]
 
 
 class Stream:

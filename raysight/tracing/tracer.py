@@ -28,6 +28,7 @@ from raysight.graph.node import (
     WRITE,
     _new_tuple,
     Calls,
+    map_nodes,
     Location,
     Node,
     Op,
@@ -140,8 +141,11 @@ class Tracer:
             elif node.op is WRITE:
                 if self._validate:
                     scan = self._invoker.scan if self._invoker is not None else self._batch_scan()
-                    current = scan.value_at(node.target) if scan is not None else scan_mod.NO_META
-                    scan_mod.check_write(node, current, lookup(node.args[0]) if node.deps else node.args[0])
+                    target = node.target
+                    if target.key == "skip":  # the value stands in for the module's output
+                        target = target._replace(key="output")
+                    current = scan.value_at(target) if scan is not None else scan_mod.NO_META
+                    scan_mod.check_write(node, current, map_nodes(node.args[0], lookup))
                 return
             else:
                 value = scan_mod.compute_meta(self._mode, node, lookup, self.model._module_at)

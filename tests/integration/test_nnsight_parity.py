@@ -938,7 +938,6 @@ def test_llama_attention_tuple_element_zeroed_in_place(llama, llama_ref, lm_toke
     assert _close(logits.value, expected)
 
 
-@pytest.mark.xfail(strict=True, reason="envoy.skip(value) (module skipping) is not supported")
 def test_skipping_a_block_replaces_its_output(gpt2, gpt2_ref, lm_tokenizer):
     with gpt2.trace(ET):
         gpt2.transformer.h[1].skip(gpt2.transformer.h[0].output)
