@@ -9,11 +9,13 @@ class on first use, so importing this module does not import ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
+import time
 import traceback
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from raysight.backends.wire import serve, serve_part
 from raysight.graph.schema import Limits
@@ -43,14 +45,17 @@ class ModelServer:
             load_kwargs = model.__dict__.get("_load_kwargs")
             if self.num_gpus and self.device_map is not None and isinstance(load_kwargs, dict):
                 load_kwargs.setdefault("device_map", self.device_map)  # shard over this actor's GPUs
+            elif self.num_gpus and self.device_map is not None and hasattr(model, "dispatch_to"):
+                model.dispatch_to(self.device_map)  # a plain module: onto this actor's GPUs (accelerate)
             self.models[key] = model
         self.models[key]._ensure_dispatched()
         return key
 
     def run(self, payload: bytes, keys: list[str], refs: dict[str, Any]) -> tuple[str, Any]:
         try:
-            self._hold(keys, refs)
-            result = serve(payload, self._resolver(keys), self.limits, self.trusted)
+            with stops_when_cancelled():
+                self._hold(keys, refs)
+                result = serve(payload, self._resolver(keys), self.limits, self.trusted)
             return "ok", bytes(result)
         except Exception as exc:  # reported to the client, which raises it there with the same type and notes
             return "error", error_info(exc)
@@ -60,10 +65,11 @@ class ModelServer:
         """One shard of an extraction: ``batch`` (rows from ``first_id``) through the job's graph, as an Arrow table.
         The job (graph, input template, outputs) is decoded once per actor and kept for the job's other shards."""
         try:
-            self._hold(keys, refs)
-            decoded, job = self._extraction(job_key, job_ref, keys)
-            model = self.models[keys[decoded.model]]
-            return "ok", run_extraction_shard(model, decoded, job, first_id, batch, self.limits)
+            with stops_when_cancelled():
+                self._hold(keys, refs)
+                decoded, job = self._extraction(job_key, job_ref, keys)
+                model = self.models[keys[decoded.model]]
+                return "ok", run_extraction_shard(model, decoded, job, first_id, batch, self.limits)
         except Exception as exc:
             return "error", error_info(exc)
 
@@ -76,11 +82,14 @@ class ModelServer:
             return ("skipped", None), None
         try:
             used = set(part["models"])
-            self._hold([keys[i] for i in used], refs)
+            with stops_when_cancelled():
+                self._hold([keys[i] for i in used], refs)
             given: dict[int, Any] = {i: SKIPPED for i in part["needs"]}  # what an earlier part's cond skipped
             for exported in imports:
                 given.update(exported)
-            result, exports = serve_part(payload, self._resolver(keys, used), self.limits, self.trusted, part, given)
+            with stops_when_cancelled():
+                result, exports = serve_part(payload, self._resolver(keys, used), self.limits, self.trusted, part,
+                                             given)  # fmt: skip
             return ("ok", result), exports
         except Exception as exc:
             return ("error", error_info(exc)), None
@@ -137,6 +146,46 @@ class ModelServer:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+
+class Cancelled(RuntimeError):
+    """The client cancelled the request this actor was running (``ray.cancel``: interrupted, or another part of its
+    session failed)."""
+
+
+@contextlib.contextmanager
+def stops_when_cancelled(every_s: float = 0.05) -> Iterator[None]:
+    """Inside the block, a module call raises :class:`Cancelled` once the client has cancelled this actor task.
+
+    ``ray.cancel`` does not stop a running task of a regular (non-async) actor: Ray only sets a flag that the task
+    may read (``ray.get_runtime_context().is_canceled()``, for the thread running the task). The block registers a
+    global forward pre-hook that reads it (at most every ``every_s`` seconds), so a cancelled forward pass or
+    generation ends at its next layer and the actor is free for the next request. Outside a Ray actor (the class
+    used directly) the block does nothing."""
+    import ray
+    import torch
+
+    context = ray.get_runtime_context()
+    try:
+        context.is_canceled()
+    except RuntimeError:  # not in a Ray worker, or an async actor
+        yield
+        return
+    next_check = 0.0
+
+    def check(module: Any, args: Any) -> None:
+        nonlocal next_check
+        now = time.monotonic()
+        if now >= next_check:
+            next_check = now + every_s
+            if context.is_canceled():
+                raise Cancelled("the client cancelled this request (ray.cancel); it was stopped at a module call")
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _Elsewhere:

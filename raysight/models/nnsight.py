@@ -153,10 +153,49 @@ class NNsight(Envoy):
     def _ensure_dispatched(self) -> None:
         """Load real weights before a local run (a wrapped module already has them)."""
 
+    def dispatch_to(self, device_map: Any = "auto", max_memory: Optional[dict] = None) -> "NNsight":
+        """Place the wrapped module on this process's GPUs, as a model actor with ``num_gpus`` does: ``"auto"``
+        (or ``"balanced"``, ``"sequential"``, ...) shards it over the visible GPUs with accelerate (one GPU: the whole
+        module moves there), a dict maps module paths to devices as accelerate's ``device_map`` does, a device name
+        moves it whole. Inputs of later runs are moved to the device of the first module; without CUDA (and for
+        ``"auto"``) it stays where it is."""
+        module = self._module
+        if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+            if not torch.cuda.is_available():
+                return self
+            if torch.cuda.device_count() == 1:
+                device_map = "cuda:0"
+            else:
+                from accelerate import infer_auto_device_map
+                from accelerate.utils import get_balanced_memory
+
+                if max_memory is None and device_map != "sequential":
+                    max_memory = get_balanced_memory(module, low_zero=device_map == "balanced_low_0")
+                device_map = infer_auto_device_map(module, max_memory=max_memory)
+        if isinstance(device_map, (str, torch.device)):
+            module.to(device_map)
+            self.__dict__["_input_device"] = torch.device(device_map)
+            return self
+        if not isinstance(device_map, dict):
+            raise TypeError(f"device_map must be 'auto', a device or a dict of module path -> device, got "
+                            f"{type(device_map).__name__}")  # fmt: skip
+        from accelerate import dispatch_model
+
+        try:
+            dispatch_model(module, device_map=device_map)
+        except Exception as exc:
+            raise RuntimeError(f"cannot place the model with device_map={device_map!r}: {exc}") from exc
+        first = next(iter(device_map.values()))
+        self.__dict__["_input_device"] = torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+        return self
+
     def _execute(self, method: str, args: tuple, kwargs: dict, dispatch: bool = True,
                  call: Optional[Callable] = None) -> Any:
         """Run the model. ``call(module, args, kwargs)``, when given, is how a forward pass calls the root module
         (it delivers the root's events to a running graph)."""
+        device = self.__dict__.get("_input_device")
+        if device is not None and dispatch:  # placed by dispatch_to: inputs go where the first module is
+            args, kwargs = _to_device(args, device), _to_device(kwargs, device)
         if call is not None:
             return call(self._module, args, kwargs)
         return self._module(*args, **kwargs)
@@ -201,3 +240,13 @@ class Edit:
         if exc_type is None:
             self._target._edits.append(self._tracer.graph)
         return False
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device)
+    if type(value) in (tuple, list):
+        return type(value)(_to_device(v, device) for v in value)
+    if type(value) is dict:
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value

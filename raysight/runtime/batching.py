@@ -44,6 +44,8 @@ def replace_rows(full: Any, rows: Optional[Rows], new: Any, where: str) -> Any:
     """``full`` with the part ``rows`` selects replaced by ``new``; ``new`` must have the narrowed structure."""
     check_structure(narrow(full, rows), new, where)
     if rows is None:
+        if isinstance(new, torch.Tensor) and isinstance(full, torch.Tensor) and new.device != full.device:
+            return new.to(full.device)  # a value made on the client's device replaces one on the model's GPU
         return new
     return _replace(full, rows, new)
 
