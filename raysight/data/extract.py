@@ -12,6 +12,7 @@ already written, so a crashed extraction resumes and every input row is in the o
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import logging
 import os
 import uuid
@@ -66,20 +67,29 @@ def extract(
         raise ValueError(f"the extraction's input ({source.description}) has no rows")
     plan = plan_extraction(model, fn, first[2], preprocess=preprocess, strip_padding=strip_padding,
                            keep_columns=tuple(keep_columns))  # fmt: skip
-    sink = Sink.directory_for(output, plan, source, batch_size, resume, overwrite) if output is not None else Sink()
+    sink = (Sink.directory_for(output, plan, source, first[2], batch_size, resume, overwrite) if output is not None
+            else Sink())  # fmt: skip
     runner = _RayRunner(plan, pool, max_in_flight) if remote else _LocalRunner(plan)
     bar = progress_bar(source.total, "extract", enabled=progress)
+    read = _Tally(first, shards)
     try:
-        runner.run(_chain(first, shards), sink, bar)
+        runner.run(iter(read), sink, bar)
     finally:
         bar.close()
-    sink.finish()
+    sink.finish(read.rows)
     return sink.dataset()
 
 
-def _chain(first: Any, rest: Iterator) -> Iterator:
-    yield first
-    yield from rest
+class _Tally:
+    """The shards, the first one (read already) first, counting the rows read."""
+
+    def __init__(self, first: Any, rest: Iterator) -> None:
+        self.first, self.rest, self.rows = first, rest, 0
+
+    def __iter__(self) -> Iterator:
+        for shard in itertools.chain([self.first], self.rest):
+            self.rows += len(next(iter(shard[2].values())))
+            yield shard
 
 
 def _shard_job(plan: Plan) -> ShardJob:

@@ -3,8 +3,8 @@
 The directory may be a local path or any URI pyarrow's filesystems open (``s3://``, ``gs://``, ``hdfs://``,
 ``file://``). A part is written to a hidden temporary name and then moved to ``part-<shard>.parquet``, so a part is
 whole or absent (an atomic rename on local disks; on object stores the part appears only once it is complete).
-``.raysight-extract.json`` records the job (input, graph, batch size, outputs) and, when done, the row count; it is
-hidden, so Parquet readers of the directory (pyarrow, pandas, ``datasets``) skip it.
+``.raysight-extract.json`` records the job (the input's fingerprint, graph, batch size, outputs) and, when done, the
+row count; it is hidden, so Parquet readers of the directory (pyarrow, pandas, ``datasets``) skip it.
 """
 
 from __future__ import annotations
@@ -53,12 +53,14 @@ class Sink:
         self.manifest: Optional[Manifest] = None
 
     @classmethod
-    def directory_for(cls, output: Any, plan: Any, source: Source, batch_size: int, resume: bool,
+    def directory_for(cls, output: Any, plan: Any, source: Source, first: dict, batch_size: int, resume: bool,
                       overwrite: bool) -> "Sink":  # fmt: skip
+        """The sink writing to ``output``; ``first`` is the input's first batch (part of the fingerprint of an
+        input that has no content digest up front, see ``sources.fingerprint``)."""
         sink = cls()
         sink.fs, sink.root = _filesystem(output)
         sink.shown = os.fspath(output)
-        sink.manifest = Manifest(batch_size, fingerprint(source), plan.digest, list(plan.outputs))
+        sink.manifest = Manifest(batch_size, fingerprint(source, first), plan.digest, list(plan.outputs))
         sink._open(resume, overwrite)
         return sink
 
@@ -109,10 +111,19 @@ class Sink:
         self.fs.move(temporary, self._path(_part_name(shard)))  # a part is whole or absent
         self.done.add(shard)
 
-    def finish(self) -> None:
+    def finish(self, rows_read: Optional[int] = None) -> None:
+        """Mark the directory complete. ``rows_read`` (the rows the input gave) must equal the rows its parts hold:
+        parts a resume skipped that came from a longer or shorter input (one the fingerprint could not tell from
+        this one) are refused rather than left in the output."""
         if self.fs is None:
             return
         rows = sum(pq.ParquetFile(self.fs.open_input_file(self._path(p))).metadata.num_rows for p in self._parts())
+        if rows_read is not None and rows != rows_read:
+            raise FileExistsError(
+                f"extract(output={self.shown!r}) holds {rows} rows but this run's input has {rows_read}: parts "
+                "already there were written from an input of another length; pass overwrite=True to redo the "
+                "extraction, or give a new directory"
+            )
         self.manifest.complete, self.manifest.rows = True, rows
         self._write_manifest()
         logger.info("extract: %d rows in %d part(s) in %s", rows, len(self.done), self.shown)

@@ -141,6 +141,7 @@ def _sources(rows: list[dict], tmp_path: pathlib.Path) -> dict[str, Any]:
     return {
         "pyarrow.Table": table,
         "datasets.Dataset": datasets.Dataset.from_list(rows),
+        "datasets.IterableDataset": datasets.Dataset.from_list(rows).to_iterable_dataset(num_shards=2),
         "ray.data.Dataset": ray.data.from_items(rows),
         "parquet directory": tmp_path / "pq",
         "parquet glob": str(tmp_path / "pq" / "*.parquet"),
