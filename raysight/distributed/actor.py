@@ -80,14 +80,13 @@ class ModelServer:
         imports, keys, refs = args[:-2], args[-2], args[-1]
         if any(exported is None for exported in imports):
             return ("skipped", None), None
+        used = set(part["models"])
+        given: dict[int, Any] = {i: SKIPPED for i in part["needs"]}  # what an earlier part's cond skipped
+        for exported in imports:
+            given.update(exported)
         try:
-            used = set(part["models"])
             with stops_when_cancelled():
                 self._hold([keys[i] for i in used], refs)
-            given: dict[int, Any] = {i: SKIPPED for i in part["needs"]}  # what an earlier part's cond skipped
-            for exported in imports:
-                given.update(exported)
-            with stops_when_cancelled():
                 result, exports = serve_part(payload, self._resolver(keys, used), self.limits, self.trusted, part,
                                              given)  # fmt: skip
             return ("ok", result), exports

@@ -6,7 +6,9 @@ of its pool at once, with the parts it depends on passed as object refs: Ray sta
 it are done and hands it their values from the object store, so intermediate values go from actor to actor and
 never through the client. Independent parts run at the same time on different replicas. The client then collects
 each part's saved values in program order; the first failed part's error is raised, as a local run would raise it.
-A dead actor is replaced and the whole session run again (``max_retries`` of its pool).
+Once that error is known (no part still running could fail before it), or when the client is interrupted, the parts
+still running are cancelled. A dead actor is replaced and the whole session run again (``max_retries`` of its
+pool).
 """
 
 from __future__ import annotations
@@ -54,13 +56,18 @@ def plan_session(graph: Any, pool_of: Callable[[Any], Any]) -> tuple[list[Part],
 
 def run_parts(payload: bytes, parts: list[Part], pools: list[Any], model_index: Callable[[Any], int],
               keys: list[str], refs: dict[str, Any]) -> list[tuple[str, Any]]:  # fmt: skip
-    """Start every part, then wait for all; return each part's reply ``(status, value)`` in program order. An actor
-    that died makes this raise ``_ActorDied`` after it is replaced."""
+    """Start every part, then wait for them; return each part's reply ``(status, value)`` in program order. An actor
+    that died makes this raise ``_ActorDied`` after it is replaced (once every part is over).
+
+    Parts still running are cancelled (``Pool.cancel``; their replies read ``("cancelled", None)``) once a failed
+    part's error is the one to raise, that is when none of them could fail at an earlier node, and when the client
+    stops waiting (``KeyboardInterrupt``, or any error here)."""
     import ray
 
-    started: list[tuple[Any, tuple, Any]] = []
+    running: dict[int, tuple[Any, tuple, Any]] = {}  # part index -> (pool, replica, reply ref), until collected
     exports: dict[int, Any] = {}
-    replies: list[tuple[str, Any]] = []
+    replies: list[tuple[str, Any]] = [("cancelled", None)] * len(parts)
+    first_node = [min(part.nodes) for part in parts]  # (a trace's node comes before the nodes of its body)
     died = False
     try:
         for part, pool in zip(parts, pools):
@@ -68,30 +75,47 @@ def run_parts(payload: bytes, parts: list[Part], pools: list[Any], model_index: 
                     "models": sorted(model_index(m) for m in part.models.values())}  # fmt: skip
             imports = [exports[p] for p in sorted(part.after)]
             replica, (reply, exported) = pool.submit("run_part", keys, refs, payload, spec, *imports, num_returns=2)
-            started.append((pool, replica, reply))
+            running[part.index] = (pool, replica, reply)
             exports[part.index] = exported
-        while started:
-            pool, replica, reply = started[0]
-            try:
-                replies.append(ray.get(reply))
-            except ray.exceptions.RayActorError as exc:
-                # this part's own actor died, or (ActorDiedError of an argument) the actor of a part before it
-                own = getattr(exc, "actor_id", None) in (None, replica[1]._actor_id.hex())
-                died = True
-                started.pop(0)
-                pool.done(replica, died=own)
-                replies.append(("died", None))
-                continue
-            except ray.exceptions.RayTaskError as exc:  # a value could not travel between parts (e.g. unpicklable)
-                replies.append(("error", _travel_error(exc)))
-            started.pop(0)
-            pool.done(replica)
+        while running and (died or not _error_decided(replies, running, first_node)):
+            waiting = {reply: k for k, (_, _, reply) in running.items()}
+            ready, _ = ray.wait(list(waiting), num_returns=1)
+            for ref in ready:
+                k = waiting[ref]
+                pool, replica, reply = running[k]
+                try:
+                    replies[k] = ray.get(reply)
+                except ray.exceptions.RayActorError as exc:
+                    # this part's own actor died, or (ActorDiedError of an argument) the actor of a part before it
+                    own = getattr(exc, "actor_id", None) in (None, replica[1]._actor_id.hex())
+                    died = True
+                    del running[k]
+                    pool.done(replica, died=own)
+                    replies[k] = ("died", None)
+                    continue
+                except ray.exceptions.RayTaskError as exc:  # a value could not travel between parts (unpicklable)
+                    replies[k] = ("error", _travel_error(exc))
+                del running[k]
+                pool.done(replica)
     finally:
-        for pool, replica, _ in started:  # interrupted before collecting these: release what is still counted
-            pool.done(replica)
+        for pool, replica, reply in running.values():  # not needed any more, or the client was interrupted
+            pool.cancel(replica, reply)
     if died:
         raise _ActorDied()
     return replies
+
+
+def _failing_node(info: dict) -> float:
+    """The index of the node a part failed at (an error of no node, e.g. a model that did not load, ranks last)."""
+    node = info.get("node")
+    return float("inf") if node is None else node
+
+
+def _error_decided(replies: list[tuple[str, Any]], running: dict[int, Any], first_node: list[int]) -> bool:
+    """A part failed, and none of the parts still running could fail earlier in program order (all their nodes come
+    after the failing one): its error is what the session raises, whatever they do."""
+    failed = [_failing_node(value) for status, value in replies if status == "error"]
+    return bool(failed) and all(first_node[k] > min(failed) for k in running)
 
 
 def collect(replies: list[tuple[str, Any]], max_saved_bytes: Optional[int] = None) -> dict[int, Any]:
@@ -100,8 +124,7 @@ def collect(replies: list[tuple[str, Any]], max_saved_bytes: Optional[int] = Non
     from raysight.backends.wire import relay_logs
     from raysight.graph.serialize import WireError, decode_result
 
-    failed = [(value.get("node") if value.get("node") is not None else float("inf"), k)
-              for k, (status, value) in enumerate(replies) if status == "error"]  # fmt: skip
+    failed = [(_failing_node(value), k) for k, (status, value) in enumerate(replies) if status == "error"]
     first = min(failed)[1] if failed else None
     size = sum(len(value) for status, value in replies if status == "ok")
     if first is None and max_saved_bytes is not None and size > max_saved_bytes:

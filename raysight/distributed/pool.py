@@ -4,7 +4,8 @@
 pool serves goes to the *default pool* (one replica, started on first use), whose actors load each model the first
 time it is sent. A request goes to the replica with the fewest requests in flight. An actor that dies is replaced
 and the request retried (``max_retries`` times); what a replica holds is rebuilt from the model kept in Ray's object
-store, so a replacement needs nothing from the client.
+store, so a replacement needs nothing from the client. A request the client stops waiting for is cancelled
+(:meth:`Pool.cancel`), and its actor serves the next one.
 """
 
 from __future__ import annotations
@@ -104,7 +105,12 @@ class Pool:
         from raysight.distributed.actor import actor_class
 
         c = self.config
+        # one request at a time, in the order their arguments are ready: a part waiting for another part's values
+        # does not hold up an independent one sent after it, and cancelling a call whose arguments are not ready
+        # leaves the actor's queue whole (in order, Ray's actor would wait 30 s for the call it never gets, then drop
+        # the calls queued behind it)
         options = {"num_cpus": c.num_cpus, "num_gpus": c.num_gpus, "max_concurrency": 1, "namespace": NAMESPACE,
+                   "allow_out_of_order_execution": True,
                    "name": f"{c.name}-{index}-{uuid.uuid4().hex[:6]}"}  # fmt: skip
         return actor_class().options(**options).remote(c.limits, c.trusted, c.device_map, c.num_gpus)
 
@@ -135,21 +141,18 @@ class Pool:
 
     def call(self, method: str, keys: list[str], refs: dict[str, Any], *args: Any) -> Any:
         """Call the actor method ``method(*args, keys, refs)`` on the replica with the fewest requests in flight;
-        a dead replica is replaced and the call retried; an error it reports is raised here as the client's."""
+        a dead replica is replaced and the call retried; an error it reports is raised here as the client's. A client
+        interrupted while it waits (``KeyboardInterrupt``) cancels the call (:meth:`cancel`)."""
         import ray
 
-        if self.closed:
-            raise RuntimeError(f"pool {self.name!r} was shut down; start another with raysight.serve(...)")
-        for key, ref in refs.items():
-            self._models.setdefault(key, ref)
         attempts = self.config.max_retries + 1
         for attempt in range(attempts):
-            index = self._acquire()
-            actor = self._actors[index]
+            replica, ref = self.submit(method, keys, refs, *args)
+            index = replica[0]
             try:
-                status, value = ray.get(getattr(actor, method).remote(*args, keys, refs))
+                status, value = ray.get(ref)
             except ray.exceptions.RayActorError as exc:
-                self._replace(index, actor)  # the pool stays whole whatever happens to this request
+                self.done(replica, died=True)  # the pool stays whole whatever happens to this request
                 if attempt + 1 == attempts:
                     raise RemoteExecutionError(
                         f"pool {self.name!r}: the actor running this request died {attempts} time(s); last: {exc}. "
@@ -158,8 +161,10 @@ class Pool:
                 logger.warning("pool %r: replica %d died (%s); replaced it, retrying", self.name, index,
                                type(exc).__name__)  # fmt: skip
                 continue
-            finally:  # also when the client is interrupted while it waits
-                self._release(index)
+            except BaseException:  # the client was interrupted while it waited (KeyboardInterrupt, ...)
+                self.cancel(replica, ref)
+                raise
+            self.done(replica)
             if status == "error":
                 from raysight.backends.wire import relay_logs
 
@@ -190,6 +195,25 @@ class Pool:
         self._release(index)
         if died:
             self._replace(index, actor)
+
+    def cancel(self, replica: tuple, returns: Any) -> None:
+        """Cancel the call started by :meth:`submit` on ``replica`` (``returns``: its object refs), instead of
+        :meth:`done`: the caller no longer wants its result. Ray drops a call still waiting for its arguments; a call
+        that runs stops at its next module call (``ModelServer`` checks Ray's cancel flag), one queued on the actor
+        within Ray's cancel retry interval (about 2 s) of starting. Its slot counts as in flight until the actor is
+        done with it, so the next request goes to a free replica; the actor is not replaced."""
+        import ray
+
+        index, _ = replica
+        ref = returns[0] if isinstance(returns, (list, tuple)) else returns
+        try:
+            ray.cancel(ref)
+        except Exception as exc:  # finished, or Ray is shutting down: nothing to stop
+            logger.debug("pool %r: could not cancel a call (%s)", self.name, exc)
+        try:
+            ref.future().add_done_callback(lambda _: self._release(index))
+        except Exception:  # no future to wait on (Ray shut down): the call is over for this pool
+            self._release(index)
 
     def _acquire(self) -> int:
         with self._lock:
