@@ -10,9 +10,9 @@ import copy
 
 import pytest
 import torch
+from helpers import Stack
 
 import raysight
-from helpers import Stack
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a GPU machine)")
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

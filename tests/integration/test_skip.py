@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import CallCounter, Loop, assert_no_hooks, run_with_hook
 
 import raysight
-from helpers import CallCounter, Loop, assert_no_hooks, run_with_hook
 
 
 def _stack_from(stack, x4, skip_at, value_fn):
@@ -91,10 +91,8 @@ def test_skip_of_a_module_returning_a_tuple(tuple_net, tuple_model):
     assert torch.allclose(out.value, expected, atol=1e-6)
 
 
-def test_skip_every_call_of_a_loop_cell():
-    torch.manual_seed(0)
-    net = Loop()
-    model = raysight.NNsight(net)
+def test_skip_every_call_of_a_loop_cell(loop, loop_model):
+    net, model = loop, loop_model
     x = torch.randn(2, 4, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         with model.trace(x):
@@ -105,10 +103,8 @@ def test_skip_every_call_of_a_loop_cell():
     assert torch.allclose(out.value, expected, atol=1e-6)
 
 
-def test_skip_only_the_second_call_of_a_loop_cell():
-    torch.manual_seed(0)
-    net = Loop()
-    model = raysight.NNsight(net)
+def test_skip_only_the_second_call_of_a_loop_cell(loop, loop_model):
+    net, model = loop, loop_model
     x = torch.randn(2, 4, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         with model.trace(x):
