@@ -15,6 +15,7 @@ import concurrent.futures as cf
 import itertools
 import logging
 import os
+import threading
 import uuid
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -145,6 +146,7 @@ class _RayRunner:
         payload = encode_request(template, models, trusted=True, model=self.plan.model)
         job_ref = ray.put(cloudpickle.dumps((payload, _shard_job(self.plan))))
         job_key = uuid.uuid4().hex
+        abandon = threading.Event()  # set when the run fails or is interrupted: the shards in flight are cancelled
         with cf.ThreadPoolExecutor(max_workers=self.in_flight, thread_name_prefix="raysight-extract") as workers:
             running: dict[cf.Future, tuple[int, int]] = {}
             try:
@@ -156,13 +158,14 @@ class _RayRunner:
                     while len(running) >= self.in_flight:
                         self._collect(running, sink, bar, cf.FIRST_COMPLETED)
                     future = workers.submit(self.pool.call, "extract", self.keys, self.refs, job_key, job_ref,
-                                            first_id, batch)  # fmt: skip
+                                            first_id, batch, abandon=abandon)  # fmt: skip
                     running[future] = (shard, rows)
                 while running:
                     self._collect(running, sink, bar, cf.FIRST_COMPLETED)
             except BaseException:
                 for future in running:
                     future.cancel()
+                abandon.set()  # the shards that run are cancelled on their actors (Pool.cancel)
                 self._keep_finished(running, sink)  # what finished is written, so a resume does not redo it
                 raise
 

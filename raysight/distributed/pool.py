@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -139,10 +140,13 @@ class Pool:
         """Send one encoded request; return the encoded result (raises the run's error as the client's)."""
         return self.call("run", keys, refs, payload)
 
-    def call(self, method: str, keys: list[str], refs: dict[str, Any], *args: Any) -> Any:
+    def call(self, method: str, keys: list[str], refs: dict[str, Any], *args: Any,
+             abandon: Optional[threading.Event] = None) -> Any:  # fmt: skip
         """Call the actor method ``method(*args, keys, refs)`` on the replica with the fewest requests in flight;
         a dead replica is replaced and the call retried; an error it reports is raised here as the client's. A client
-        interrupted while it waits (``KeyboardInterrupt``) cancels the call (:meth:`cancel`)."""
+        interrupted while it waits (``KeyboardInterrupt``) cancels the call (:meth:`cancel`), as does setting
+        ``abandon`` (for calls waited on in another thread, which an interrupt does not reach): the call then raises
+        ``concurrent.futures.CancelledError``."""
         import ray
 
         attempts = self.config.max_retries + 1
@@ -150,6 +154,10 @@ class Pool:
             replica, ref = self.submit(method, keys, refs, *args)
             index = replica[0]
             try:
+                if abandon is not None:
+                    while not ray.wait([ref], timeout=0.2)[0]:
+                        if abandon.is_set():
+                            raise CancelledError(f"pool {self.name!r}: the caller no longer waits for this call")
                 status, value = ray.get(ref)
             except ray.exceptions.RayActorError as exc:
                 self.done(replica, died=True)  # the pool stays whole whatever happens to this request

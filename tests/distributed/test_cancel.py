@@ -218,3 +218,44 @@ def test_an_interrupted_chain_leaves_the_pool_that_waited_usable(mlp: MLP, x: to
     finally:
         for pool in pools:
             pool.shutdown()
+
+
+class FailOnceSlowRuns:
+    """An extraction preprocess: the batch whose first value is negative fails, once the slow batch has started."""
+
+    def __init__(self, started: str) -> None:
+        self.started = started
+
+    def __call__(self, batch: dict) -> dict:
+        x = torch.tensor(batch["x"])
+        if float(x[0, 0]) < 0:
+            _wait_for(self.started)
+            raise RuntimeError("this batch is bad")
+        return {**batch, "x": x}
+
+
+def _slow_output(model: Any, batch: dict) -> dict:
+    with model.trace(batch["x"]):
+        return {"out": model.output}
+
+
+def test_a_failed_extraction_cancels_the_shards_still_running(tmp_path: pathlib.Path) -> None:
+    """Shard 0 runs for SLOW_S seconds on one replica; shard 1 fails on the other once shard 0 runs. The error comes
+    back at once, shard 0 is cancelled on its actor (it never finishes), and the pool is whole and free."""
+    slow = raysight.NNsight(SlowNet(tmp_path))
+    pool = raysight.serve(slow, replicas=2, name="cancel-extract")
+    actors = pool.actors
+    started = tmp_path / f"started-{SLOW_S:g}"
+    rows = [{"x": [SLOW_S, 0.0, 1.0, 2.0, 3.0]}, {"x": [-1.0, 0.0, 0.0, 0.0, 0.0]}]  # shard 0 is slow, shard 1 fails
+    try:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="this batch is bad"):
+            raysight.extract(slow, rows, _slow_output, batch_size=1, pool=pool, output=tmp_path / "out",
+                             preprocess=FailOnceSlowRuns(str(started)), progress=False)  # fmt: skip
+        assert time.monotonic() - start < SLOW_S - 2, "the error waited for the slow shard"
+        assert started.exists()
+        _assert_free_and_whole(pool, actors)
+        assert not (tmp_path / f"finished-{SLOW_S:g}").exists()  # cancelled, not run to its end
+        assert not list((tmp_path / "out").glob("part-*.parquet"))  # nothing half-done was written
+    finally:
+        pool.shutdown()
