@@ -332,6 +332,17 @@ def _visit(a: Any, found: dict) -> None:
         _visit(a.step, found)
 
 
+def any_leaf(value: Any, test: Callable[[Any], bool]) -> bool:
+    """Whether ``test`` holds for ``value`` or for anything inside its lists, tuples and dict values."""
+    if test(value):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(any_leaf(v, test) for v in value)
+    if isinstance(value, dict):
+        return any(any_leaf(v, test) for v in value.values())
+    return False
+
+
 def map_nodes(a: Any, fn: Callable[[Node], Any]) -> Any:
     """Rebuild ``a`` with every node in it replaced by ``fn(node)`` (tuples, lists, dicts and slices are walked)."""
     if isinstance(a, Node):

@@ -15,6 +15,7 @@ import torch
 from raysight.backends.base import InvokeInputs
 from raysight.envoy import Envoy
 from raysight.runtime.batching import batch_size_of, concatenate_inputs
+from raysight.runtime.ops import _to_device
 from raysight.tracing.tracer import Tracer
 
 
@@ -241,12 +242,3 @@ class Edit:
             self._target._edits.append(self._tracer.graph)
         return False
 
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value if value.device == device else value.to(device)
-    if type(value) in (tuple, list):
-        return type(value)(_to_device(v, device) for v in value)
-    if type(value) is dict:
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value

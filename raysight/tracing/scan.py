@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from raysight.graph.node import Location, Node, Op
+from raysight.graph.node import Location, Node, Op, any_leaf
 from raysight.runtime.batching import check_structure
 
 NO_META: Any = object()
@@ -184,22 +184,11 @@ def compute_meta(mode: FakeTensorMode, node: Node, meta_of: Callable[[Node], Any
 
 def check_write(node: Node, current: Any, new: Any) -> None:
     """validate=True: an assignment to ``.output``/``.input`` must keep the structure of what it replaces."""
-    if current is NO_META or _unknown_in(new):
+    if current is NO_META or any_leaf(new, lambda v: v is NO_META):  # a part has no fake value
         return
     if node.target.key == "inputs":
         return
     check_structure(current, new, f"{node.target}")
-
-
-def _unknown_in(value: Any) -> bool:
-    """Whether some part of a value built from proxies has no fake value (it cannot be checked)."""
-    if value is NO_META:
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_unknown_in(v) for v in value)
-    if isinstance(value, dict):
-        return any(_unknown_in(v) for v in value.values())
-    return False
 
 
 def _pure_without_inputs(fn: Any) -> bool:

@@ -28,6 +28,7 @@ from raysight.graph.node import (
     WRITE,
     _new_tuple,
     Calls,
+    any_leaf,
     map_nodes,
     Location,
     Node,
@@ -407,13 +408,7 @@ def _any_proxy(values: Any) -> bool:
 
 
 def _has_proxy(value: Any) -> bool:
-    if isinstance(value, Proxy):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_has_proxy(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_proxy(v) for v in value.values())
-    return False
+    return any_leaf(value, lambda v: isinstance(v, Proxy))
 
 
 def _local_backend() -> Any:
