@@ -24,9 +24,14 @@ ROOT_INPUT = ("", True)
 ROOT_OUTPUT = ("", False)
 
 
+_NO_SKIPS: frozenset = frozenset()
+
+
 class HookSet:
     """Context manager: ``with HookSet(module_at, locations, interleaver) as hooks: model(...)``; with
     ``direct_root=True`` the caller runs the root module through ``hooks.call_root``."""
+
+    _root_input = _root_output = False  # (set only when the root's events come from call_root)
 
     def __init__(
         self,
@@ -35,14 +40,19 @@ class HookSet:
         interleaver: Interleaver,
         direct_root: bool = False,
     ) -> None:
-        keys = {(loc.path, loc.key != "output") for loc in locations}
-        self._root_input = direct_root and ROOT_INPUT in keys
-        self._root_output = direct_root and ROOT_OUTPUT in keys
+        keys = set()
+        skipped = _NO_SKIPS
+        for loc in locations:
+            keys.add((loc.path, loc.key != "output"))
+            if loc.key == "skip":
+                skipped = skipped | {loc.path}
         if direct_root:
+            self._root_input = ROOT_INPUT in keys
+            self._root_output = ROOT_OUTPUT in keys
             keys.discard(ROOT_INPUT)
             keys.discard(ROOT_OUTPUT)
         self._keys = keys
-        self._skipped = {loc.path for loc in locations if loc.key == "skip"}
+        self._skipped = skipped
         self._module_at = module_at
         self._on_event = interleaver.on_event
         self._handles: list[Any] = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from operator import attrgetter
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -42,6 +43,7 @@ from raysight.runtime.state import (  # noqa: F401 - re-exported: the runtime's 
 )
 
 logger = logging.getLogger(__name__)
+_NUM_USERS = attrgetter("num_users")
 
 
 class Interleaver(Gradients, Loops, Ops):
@@ -66,7 +68,7 @@ class Interleaver(Gradients, Loops, Ops):
         self.nodes = nodes
         if parent is None:
             self.env: list[Any] = [UNSET] * len(nodes)
-            self.remaining = [n.num_users for n in nodes]
+            self.remaining = list(map(_NUM_USERS, nodes))
             self.saved_values: dict[int, Any] = {}
         else:  # a trace inside a session: one set of values for the whole session
             self.env, self.remaining, self.saved_values = parent.env, parent.remaining, parent.saved_values
@@ -213,7 +215,10 @@ class Interleaver(Gradients, Loops, Ops):
                     key = node.event_key = (target.path, target.key != "output")
                 event = self.event
                 if event is None or event.call != call or event.key != key:
-                    event = self._event_for(node, stream, key, call)
+                    if stream.pending is None and stream.missed is None and self.counts.get(key, 0) <= call:
+                        event = None  # the module has not run that call yet: wait (what _event_for finds, inline)
+                    else:
+                        event = self._event_for(node, stream, key, call)
                     while event is None:
                         if self.finished:
                             break

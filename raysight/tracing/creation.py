@@ -91,6 +91,8 @@ def _stand_in(original: type) -> type:
 
 _parameter_news: list[Any] = []  # [recording __new__, original __new__]
 _tables: list[tuple[dict, dict, dict]] = []  # (namespace, wrappers, originals) of the creation functions
+_swap_in: list[tuple[Callable, dict]] = []  # (namespace.update, wrappers): what enable() calls
+_swap_out: list[tuple[Callable, dict]] = []  # (namespace.update, originals): what disable() calls
 _lock = threading.Lock()
 _active = 0  # recorders open (traces and sessions)
 
@@ -108,6 +110,8 @@ def _build_tables() -> None:
         originals = {name: module.__dict__[name] for name in names}
         _tables.append((module.__dict__, {n: _stand_in(c) for n, c in originals.items()}, originals))
     _parameter_news.extend([_parameter_new(), torch.nn.Parameter.__dict__["__new__"]])
+    _swap_in.extend((namespace.update, wrappers) for namespace, wrappers, _ in _tables)
+    _swap_out.extend((namespace.update, originals) for namespace, _, originals in _tables)
 
 
 def enable() -> None:
@@ -118,8 +122,8 @@ def enable() -> None:
         if _active == 1:
             if not _tables:
                 _build_tables()
-            for namespace, wrappers, _ in _tables:
-                namespace.update(wrappers)
+            for update, table in _swap_in:
+                update(table)
             torch.nn.Parameter.__new__ = _parameter_news[0]
 
 
@@ -128,6 +132,6 @@ def disable() -> None:
     with _lock:
         _active -= 1
         if _active == 0:
-            for namespace, _, originals in _tables:
-                namespace.update(originals)
+            for update, table in _swap_out:
+                update(table)
             torch.nn.Parameter.__new__ = _parameter_news[1]

@@ -361,7 +361,10 @@ class Tracer:
 
     def _run(self) -> None:
         backend = self._backend or current_default() or _local_backend()
-        results = backend(self.model, self.request())
+        if backend is _LOCAL:  # this process: the request's parts go straight in
+            results = backend.run(self.model, self.graph, self.invokes, self._forward_kwargs, self._method)
+        else:
+            results = backend(self.model, self.request())
         for proxy in self._saved:
             index = proxy.node.index
             if index in results:
