@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 from raysight.backends.wire import serve, serve_part
 from raysight.graph.schema import Limits
 from raysight.graph.serialize import decode_request
-from raysight.runtime.state import SKIPPED
+from raysight.runtime.state import INTERRUPT, SKIPPED
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,9 @@ class ModelServer:
 
     def run(self, payload: bytes, keys: list[str], refs: dict[str, Any]) -> tuple[str, Any]:
         try:
-            with stops_when_cancelled():
+            with stops_when_cancelled() as watch:
                 self._hold(keys, refs)
+                watch.watch(self.models[key] for key in keys)
                 result = serve(payload, self._resolver(keys), self.limits, self.trusted)
             return "ok", bytes(result)
         except Exception as exc:  # reported to the client, which raises it there with the same type and notes
@@ -65,10 +66,11 @@ class ModelServer:
         """One shard of an extraction: ``batch`` (rows from ``first_id``) through the job's graph, as an Arrow table.
         The job (graph, input template, outputs) is decoded once per actor and kept for the job's other shards."""
         try:
-            with stops_when_cancelled():
+            with stops_when_cancelled() as watch:
                 self._hold(keys, refs)
                 decoded, job = self._extraction(job_key, job_ref, keys)
                 model = self.models[keys[decoded.model]]
+                watch.watch([model])
                 return "ok", run_extraction_shard(model, decoded, job, first_id, batch, self.limits)
         except Exception as exc:
             return "error", error_info(exc)
@@ -85,8 +87,9 @@ class ModelServer:
         for exported in imports:
             given.update(exported)
         try:
-            with stops_when_cancelled():
+            with stops_when_cancelled() as watch:
                 self._hold([keys[i] for i in used], refs)
+                watch.watch(self.models[keys[i]] for i in used)
                 result, exports = serve_part(payload, self._resolver(keys, used), self.limits, self.trusted, part,
                                              given)  # fmt: skip
             return ("ok", result), exports
@@ -153,38 +156,81 @@ class Cancelled(RuntimeError):
 
 
 @contextlib.contextmanager
-def stops_when_cancelled(every_s: float = 0.05) -> Iterator[None]:
-    """Inside the block, a module call raises :class:`Cancelled` once the client has cancelled this actor task.
+def stops_when_cancelled(every_s: float = 0.05) -> Iterator[CancelWatch]:
+    """Inside the block, the request stops with :class:`Cancelled` soon after the client cancelled this actor task.
 
     ``ray.cancel`` does not stop a running task of a regular (non-async) actor: Ray only sets a flag that the task
-    may read (``ray.get_runtime_context().is_canceled()``, for the thread running the task). The block registers a
-    global forward pre-hook that reads it (at most every ``every_s`` seconds), so a cancelled forward pass or
-    generation ends at its next layer and the actor is free for the next request. Outside a Ray actor (the class
-    used directly) the block does nothing."""
+    may read (``ray.get_runtime_context().is_canceled()``, for the thread running the task). The block yields a
+    :class:`CancelWatch` that reads it (at most every ``every_s`` seconds) in two places: between the nodes the
+    request runs (a session loop that never calls the model, say), and in forward pre-hooks on the models given to
+    :meth:`CancelWatch.watch`, so a cancelled forward pass or generation ends at its next layer. Outside a Ray actor
+    (the class used directly) the watch does nothing."""
     import ray
-    import torch
 
     context = ray.get_runtime_context()
     try:
         context.is_canceled()
     except RuntimeError:  # not in a Ray worker, or an async actor
-        yield
+        yield CancelWatch(None, every_s)
         return
-    next_check = 0.0
-
-    def check(module: Any, args: Any) -> None:
-        nonlocal next_check
-        now = time.monotonic()
-        if now >= next_check:
-            next_check = now + every_s
-            if context.is_canceled():
-                raise Cancelled("the client cancelled this request (ray.cancel); it was stopped at a module call")
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(check)
+    watch = CancelWatch(context, every_s)
+    token = INTERRUPT.set(watch.check)
     try:
-        yield
+        yield watch
     finally:
-        handle.remove()
+        INTERRUPT.reset(token)
+        watch.remove()
+
+
+class CancelWatch:
+    """Reads Ray's cancel flag for one request; see :func:`stops_when_cancelled`."""
+
+    def __init__(self, context: Any, every_s: float) -> None:
+        self._context = context
+        self._every_s = every_s
+        self._next_check = 0.0
+        self._handles: list[Any] = []
+        self._watched: set[int] = set()
+
+    def check(self, *_: Any) -> None:
+        """Raise :class:`Cancelled` if the client cancelled the request (a forward pre-hook, or called bare)."""
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + self._every_s
+            if self._context.is_canceled():
+                raise Cancelled("the client cancelled this request (ray.cancel); it was stopped where it had got to")
+
+    def watch(self, models: Any) -> None:
+        """Check at the layers of these models (raysight models or modules), for this request only."""
+        if self._context is None:
+            return
+        for model in models:
+            for module in checkpoints(getattr(model, "_module", model)):
+                if id(module) not in self._watched:
+                    self._watched.add(id(module))
+                    self._handles.append(module.register_forward_pre_hook(self.check))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._watched.clear()
+
+
+def checkpoints(root: Any) -> list:
+    """Where a cancelled forward pass stops: the root module, its children, and the elements of every
+    ``ModuleList`` in it (a transformer's blocks). A few hooks, not one on every module: a hooked module takes
+    torch's slow call path, and a global hook would put every module of the model there."""
+    import torch
+
+    found = {id(root): root}
+    for child in root.children():
+        found.setdefault(id(child), child)
+    for module in root.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            for child in module.children():
+                found.setdefault(id(child), child)
+    return list(found.values())
 
 
 class _Elsewhere:

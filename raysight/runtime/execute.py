@@ -99,7 +99,8 @@ def run_session(graph: Graph, deadline: Optional[float] = None, log_to: Any = No
     """Run a session graph from top to bottom; return the saved values by node index. A part of a split session
     runs only ``body`` (some of the top-level nodes), with the values of earlier parts ``given`` by node index."""
     interleaver = Interleaver(graph.nodes, [(graph.body if body is None else body, None, "the session")], _no_module)
-    interleaver.deadline = deadline
+    if deadline is not None:
+        interleaver.deadline = deadline
     interleaver.log_to = log_to
     if given:
         for index, value in given.items():

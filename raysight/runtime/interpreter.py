@@ -14,6 +14,7 @@ the multi-call regions of ``.all()`` (``loops.py``) are mixins; the streams, eve
 from __future__ import annotations
 
 import logging
+import math
 import time
 from operator import attrgetter
 from typing import Any, Callable, Iterator, Optional
@@ -31,6 +32,8 @@ from raysight.runtime.loops import Loops
 from raysight.runtime.ops import Ops, _first_input
 from raysight.runtime.state import (  # noqa: F401 - re-exported: the runtime's public names live here
     FREED,
+    INTERRUPT,
+    POLL_S,
     SKIPPED,
     UNSET,
     EarlyStop,
@@ -57,6 +60,8 @@ class Interleaver(Gradients, Loops, Ops):
     finished = False  # the forward pass is over
     executed = 0  # nodes run or skipped so far
     _backwards: Optional[list[int]] = None
+    interrupt: Optional[Callable[[], None]] = None  # raises to stop the run (a cancelled actor request), see INTERRUPT
+    _next_poll = 0.0
 
     def __init__(
         self,
@@ -80,6 +85,11 @@ class Interleaver(Gradients, Loops, Ops):
                 self.deadline = parent.deadline
             if parent.log_to is not None:
                 self.log_to = parent.log_to
+        interrupt = INTERRUPT.get()
+        if interrupt is not None:  # polled where the deadline is checked: give the run one if it has none
+            self.interrupt = interrupt
+            if self.deadline is None:
+                self.deadline = math.inf
         self.module_at = module_at
         self.counts: dict[tuple, int] = {}
         self.edit_start = len(nodes)  # nodes from this index on come from persistent edits and run first
@@ -366,7 +376,11 @@ class Interleaver(Gradients, Loops, Ops):
             self._release(node)
 
     def _check_deadline(self, node: Node) -> None:
-        if time.monotonic() > self.deadline:
+        now = time.monotonic()
+        if self.interrupt is not None and now >= self._next_poll:
+            self._next_poll = now + POLL_S
+            self.interrupt()
+        if now > self.deadline:
             raise annotate(TimeLimitError("the run went past its time limit (Limits.max_seconds); it was stopped "
                                           "after this node"), node)  # fmt: skip
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -26,6 +27,12 @@ FREED: Any = _Sentinel("freed")
 
 class RegionEnd(Exception):
     """An open-ended region (``.all()``) found no further call of its module: it is over."""
+
+
+# A check that runs made now and then call (at most every POLL_S seconds, between nodes) and that raises to stop
+# them: a model actor sets it to one that raises once the client cancelled the request.
+INTERRUPT: ContextVar[Optional[Callable[[], None]]] = ContextVar("raysight_interrupt", default=None)
+POLL_S = 0.05
 
 
 class StopLoop(Exception):

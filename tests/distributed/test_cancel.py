@@ -259,3 +259,57 @@ def test_a_failed_extraction_cancels_the_shards_still_running(tmp_path: pathlib.
         assert not list((tmp_path / "out").glob("part-*.parquet"))  # nothing half-done was written
     finally:
         pool.shutdown()
+
+
+def _touch(path: str) -> None:
+    pathlib.Path(path).touch()
+
+
+def test_an_interrupted_session_loop_that_never_calls_a_model_stops(tmp_path: pathlib.Path) -> None:
+    """A loop of plain nodes (no module call, so no layer hook sees it) stops between nodes once cancelled."""
+    slow = raysight.NNsight(SlowNet(tmp_path))
+    pool = raysight.serve(slow, name="cancel-loop")
+    actors = pool.actors
+    try:
+        watcher = _interrupt_when(tmp_path / "loop-started")
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            with slow.session(backend=RayBackend(split=False)) as session:
+                raysight.apply(_touch, str(tmp_path / "loop-started"))
+                with session.iter(range(int(SLOW_S / 0.02))):  # SLOW_S seconds of 20 ms steps
+                    raysight.apply(time.sleep, 0.02)
+                raysight.apply(_touch, str(tmp_path / "loop-finished"))
+        watcher.join()
+        assert time.monotonic() - start < SLOW_S - 2
+        _assert_free_and_whole(pool, actors)
+        assert not (tmp_path / "loop-finished").exists()
+    finally:
+        pool.shutdown()
+
+
+def test_only_the_layers_are_watched_for_a_cancel_and_only_while_a_request_runs() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raysight.distributed.actor import checkpoints
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+    expected = {id(model), id(model.transformer), id(model.lm_head), *(id(block) for block in model.transformer.h)}
+    assert {id(m) for m in checkpoints(model)} == expected
+    assert len(checkpoints(model)) == len(expected) == 6
+
+    @ray.remote
+    def hooks_during_and_after(module: torch.nn.Module) -> tuple[list[int], list[int]]:
+        from raysight.distributed.actor import stops_when_cancelled
+
+        def counts() -> list[int]:
+            return [len(m._forward_pre_hooks) for m in module.modules()]
+
+        with stops_when_cancelled() as watch:
+            watch.watch([raysight.NNsight(module)])
+            watch.watch([module])  # a module watched twice gets one hook
+            during = counts()
+        return during, counts()
+
+    during, after = ray.get(hooks_during_and_after.remote(model), timeout=60)
+    assert during == [1 if id(m) in expected else 0 for m in model.modules()]
+    assert after == [0] * len(during)
