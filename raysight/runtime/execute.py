@@ -57,10 +57,12 @@ def _run_trace(model: Any, body: list[Node], nodes: list[Node], invokes: list[An
     edit_start = len(nodes)
     edits, module_at = model._edits, model._module_at  # (an envoy's attributes are slow to look up: once each)
     if edits:  # persistent edits: copies with their own indices, run first, see the whole batch
-        scratch = Graph()
-        scratch.nodes.extend(nodes)
-        body = copy_edits(edits, scratch) + list(body)
-        nodes = scratch.nodes
+        wrappers, copies, edit_locations = _edit_copies(model, edits, len(nodes))
+        if locations is None:
+            locations = {n.target for n in _walk(body) if n.op is READ or n.op is WRITE}
+        locations = locations | edit_locations
+        body = wrappers + list(body)
+        nodes = nodes + copies
     streams = _streams(body, invokes)
     interleaver = Interleaver(nodes, streams, module_at, parent=parent)
     interleaver.edit_start = edit_start
@@ -71,7 +73,7 @@ def _run_trace(model: Any, body: list[Node], nodes: list[Node], invokes: list[An
     args, kwargs = model._batch_inputs(invokes)
     if forward_kwargs:
         kwargs = {**kwargs, **forward_kwargs}
-    if locations is None or edits:
+    if locations is None:
         locations = {n.target for n in _walk(body) if n.op is READ or n.op is WRITE}
     # the root runs once in a forward pass: its events come around that call, not from hooks (when the model's
     # _execute takes the caller; a subclass written against the older signature keeps the hooks)
@@ -92,6 +94,26 @@ def _run_trace(model: Any, body: list[Node], nodes: list[Node], invokes: list[An
         finally:
             interleaver.call_root = None  # it points back at the interleaver: no cycle left for the collector
     return interleaver
+
+
+def _edit_copies(model: Any, edits: list[Graph], offset: int) -> tuple[list[Node], list[Node], frozenset]:
+    """The copies of a model's persistent edits for a run whose own nodes end at ``offset``: their INVOKE wrappers,
+    all their nodes, and the locations they use. The runtime never changes a node, so the copies of the last run
+    serve the next one while the edits and the offset are the same (a loop of traces of one shape): copying is paid
+    once, not per trace."""
+    cached = model.__dict__.get("_edit_copies")
+    if cached is not None and cached[1] == offset and len(cached[0]) == len(edits) and all(
+        a is b for a, b in zip(cached[0], edits)
+    ):
+        return cached[2]
+    scratch = Graph()
+    scratch.nodes.extend([None] * offset)  # (placeholders: the copies take the indices after the run's nodes)
+    wrappers = copy_edits(edits, scratch)
+    copies = scratch.nodes[offset:]
+    locations = frozenset(n.target for n in copies if n.op is READ or n.op is WRITE)
+    result = (wrappers, copies, locations)
+    model.__dict__["_edit_copies"] = (tuple(edits), offset, result)
+    return result
 
 
 def run_session(graph: Graph, deadline: Optional[float] = None, log_to: Any = None,

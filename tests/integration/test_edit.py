@@ -182,6 +182,37 @@ def test_editing_an_edited_copy_keeps_the_first_copy_unchanged(model, mlp, x):
     assert _close(out0.value, mlp(x))
 
 
+def test_repeated_traces_of_several_shapes_each_see_the_current_edits(model, mlp, x):
+    """Traces of an edited model in a loop, alternating shapes (so their edit copies sit at different indices),
+    then with a second edit added and after clear_edits: each run equals the hook oracle of the edits it had."""
+    first = run_with_hook(mlp, mlp.layer1, _zero_col0, x)
+    handle = mlp.layer2.register_forward_hook(lambda mod, a, out: out * 2)
+    try:
+        both = run_with_hook(mlp, mlp.layer1, _zero_col0, x)
+    finally:
+        handle.remove()
+    hidden_edited = _zero_col0(mlp.layer1(x))
+    with model.edit(inplace=True):
+        model.layer1.output[:, 0] = 0
+    for step, (expected, hidden_expected) in enumerate(
+        ((first, hidden_edited), (both, hidden_edited), (mlp(x), mlp.layer1(x)))
+    ):
+        if step == 1:
+            with model.edit(inplace=True):
+                model.layer2.output = model.layer2.output * 2
+        elif step == 2:
+            model.clear_edits()
+        for _ in range(3):
+            with model.trace(x):
+                out = model.output.save()
+            with model.trace(x):
+                hidden = model.layer1.output.save()
+                out2 = model.output.save()
+            assert _close(out.value, expected) and _close(out2.value, expected)
+            assert _close(hidden.value, hidden_expected)
+    assert not _close(first, both) and not _close(first, mlp(x))
+
+
 def test_clear_edits_removes_every_edit(model, mlp, x):
     with model.edit(inplace=True):
         model.layer1.output[:, 0] = 0
