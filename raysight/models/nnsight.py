@@ -72,12 +72,14 @@ class NNsight(Envoy):
     def clear_edits(self) -> None:
         """Remove every persistent edit of this model."""
         self._edits.clear()
+        self.__dict__.pop("_edit_copies", None)  # the runtime's copies of them: nothing keeps them alive now
 
     def _copy(self) -> "NNsight":
         """A wrapper of the same module (shared weights) with its own envoy tree and its own copy of the edits."""
         copy = object.__new__(type(self))
         for name, value in self.__dict__.items():
-            if not isinstance(value, Envoy) and name not in ("_by_path", "_children", "_index", "_subtree"):
+            if not isinstance(value, Envoy) and name not in ("_by_path", "_children", "_index", "_subtree",
+                                                              "_edit_copies"):  # fmt: skip
                 copy.__dict__[name] = value
         copy.__dict__["_edits"] = list(self._edits)
         Envoy.__init__(copy, self._module, "", None)

@@ -213,6 +213,26 @@ def test_repeated_traces_of_several_shapes_each_see_the_current_edits(model, mlp
     assert not _close(first, both) and not _close(first, mlp(x))
 
 
+def test_clear_edits_frees_what_the_edits_held(model, mlp, x):
+    """A tensor that only an edit holds is freed by clear_edits, after traces ran the edit (and kept its copies)."""
+    import gc
+    import weakref
+
+    big = torch.full((1, 10), 3.0)
+    held = weakref.ref(big)
+    with model.edit(inplace=True):
+        model.layer1.output = model.layer1.output + big
+    del big
+    for _ in range(2):
+        with model.trace(x):
+            out = model.output.save()
+    assert _close(out.value, mlp.layer2(mlp.layer1(x) + 3.0))
+    assert held() is not None
+    model.clear_edits()
+    gc.collect()
+    assert held() is None
+
+
 def test_clear_edits_removes_every_edit(model, mlp, x):
     with model.edit(inplace=True):
         model.layer1.output[:, 0] = 0
