@@ -25,34 +25,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
 torch.set_num_threads(1)
+
+from bench_trace import Deep, TwoLayer  # the models bench_trace.py times
 
 import raysight
 
 _PACKAGE = os.path.dirname(os.path.abspath(raysight.__file__))
-
-
-class TwoLayer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer1 = nn.Linear(5, 10)
-        self.layer2 = nn.Linear(10, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer2(self.layer1(x))
-
-
-class Deep(nn.Module):
-    def __init__(self, n: int = 32) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(n))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
 
 
 def cases() -> dict[str, Callable[[], Any]]:

@@ -33,7 +33,6 @@ from raysight.runtime.ops import Ops, _first_input
 from raysight.runtime.state import (  # noqa: F401 - re-exported: the runtime's public names live here
     FREED,
     INTERRUPT,
-    POLL_S,
     SKIPPED,
     UNSET,
     EarlyStop,
@@ -61,7 +60,6 @@ class Interleaver(Gradients, Loops, Ops):
     executed = 0  # nodes run or skipped so far
     _backwards: Optional[list[int]] = None
     interrupt: Optional[Callable[[], None]] = None  # raises to stop the run (a cancelled actor request), see INTERRUPT
-    _next_poll = 0.0
 
     def __init__(
         self,
@@ -376,11 +374,9 @@ class Interleaver(Gradients, Loops, Ops):
             self._release(node)
 
     def _check_deadline(self, node: Node) -> None:
-        now = time.monotonic()
-        if self.interrupt is not None and now >= self._next_poll:
-            self._next_poll = now + POLL_S
-            self.interrupt()
-        if now > self.deadline:
+        if self.interrupt is not None:
+            self.interrupt()  # (it limits how often it really checks)
+        if time.monotonic() > self.deadline:
             raise annotate(TimeLimitError("the run went past its time limit (Limits.max_seconds); it was stopped "
                                           "after this node"), node)  # fmt: skip
 

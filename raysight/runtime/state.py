@@ -29,10 +29,9 @@ class RegionEnd(Exception):
     """An open-ended region (``.all()``) found no further call of its module: it is over."""
 
 
-# A check that runs made now and then call (at most every POLL_S seconds, between nodes) and that raises to stop
-# them: a model actor sets it to one that raises once the client cancelled the request.
+# A check a run calls between its nodes, which raises to stop it: a model actor sets one that raises once the client
+# cancelled the request (and itself limits how often it asks Ray).
 INTERRUPT: ContextVar[Optional[Callable[[], None]]] = ContextVar("raysight_interrupt", default=None)
-POLL_S = 0.05
 
 
 class StopLoop(Exception):

@@ -90,7 +90,6 @@ def _stand_in(original: type) -> type:
 
 
 _parameter_news: list[Any] = []  # [recording __new__, original __new__]
-_tables: list[tuple[dict, dict, dict]] = []  # (namespace, wrappers, originals) of the creation functions
 _swap_in: list[tuple[Callable, dict]] = []  # (namespace.update, wrappers): what enable() calls
 _swap_out: list[tuple[Callable, dict]] = []  # (namespace.update, originals): what disable() calls
 _lock = threading.Lock()
@@ -98,9 +97,11 @@ _active = 0  # recorders open (traces and sessions)
 
 
 def _build_tables() -> None:
+    """What enable() and disable() swap: per namespace, its ``update`` with the stand-ins and with the originals."""
+    tables = []  # (namespace, stand-ins, originals)
     namespace = torch.__dict__
     originals = {name: namespace[name] for name in _SIZED}
-    _tables.append((namespace, {name: _sized(fn) for name, fn in originals.items()}, originals))
+    tables.append((namespace, {name: _sized(fn) for name, fn in originals.items()}, originals))
     optimizers = [
         name
         for name, value in vars(torch.optim).items()
@@ -108,10 +109,10 @@ def _build_tables() -> None:
     ]
     for module, names in ((torch.nn, ("Linear",)), (torch.optim, optimizers), (torch.utils.data, ("DataLoader",))):
         originals = {name: module.__dict__[name] for name in names}
-        _tables.append((module.__dict__, {n: _stand_in(c) for n, c in originals.items()}, originals))
+        tables.append((module.__dict__, {n: _stand_in(c) for n, c in originals.items()}, originals))
     _parameter_news.extend([_parameter_new(), torch.nn.Parameter.__dict__["__new__"]])
-    _swap_in.extend((namespace.update, wrappers) for namespace, wrappers, _ in _tables)
-    _swap_out.extend((namespace.update, originals) for namespace, _, originals in _tables)
+    _swap_out.extend((namespace.update, originals) for namespace, _, originals in tables)
+    _swap_in.extend((namespace.update, wrappers) for namespace, wrappers, _ in tables)  # last: enable() checks it
 
 
 def enable() -> None:
@@ -120,7 +121,7 @@ def enable() -> None:
     with _lock:
         _active += 1
         if _active == 1:
-            if not _tables:
+            if not _swap_in:
                 _build_tables()
             for update, table in _swap_in:
                 update(table)

@@ -261,12 +261,15 @@ def test_a_failed_extraction_cancels_the_shards_still_running(tmp_path: pathlib.
         pool.shutdown()
 
 
-def _touch(path: str) -> None:
+def _touch(path: str, *after: Any) -> None:
+    """Touch ``path`` (``after``: values it must wait for, so it runs after the nodes that make them)."""
     pathlib.Path(path).touch()
 
 
 def test_an_interrupted_session_loop_that_never_calls_a_model_stops(tmp_path: pathlib.Path) -> None:
-    """A loop of plain nodes (no module call, so no layer hook sees it) stops between nodes once cancelled."""
+    """A loop of plain nodes (no module call, so no layer hook sees it) stops between nodes once cancelled. The
+    session's trace of ``slow`` puts it on ``slow``'s pool (a session of plain nodes only would go to the default
+    pool, whose start the timing would include)."""
     slow = raysight.NNsight(SlowNet(tmp_path))
     pool = raysight.serve(slow, name="cancel-loop")
     actors = pool.actors
@@ -275,7 +278,9 @@ def test_an_interrupted_session_loop_that_never_calls_a_model_stops(tmp_path: pa
         start = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
             with slow.session(backend=RayBackend(split=False)) as session:
-                raysight.apply(_touch, str(tmp_path / "loop-started"))
+                with slow.trace(_input(0)):
+                    hidden = slow.output
+                raysight.apply(_touch, str(tmp_path / "loop-started"), hidden)
                 with session.iter(range(int(SLOW_S / 0.02))):  # SLOW_S seconds of 20 ms steps
                     raysight.apply(time.sleep, 0.02)
                 raysight.apply(_touch, str(tmp_path / "loop-finished"))
