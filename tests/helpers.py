@@ -153,6 +153,8 @@ def assert_no_hooks(root: nn.Module) -> None:
     for name, m in root.named_modules():
         assert not m._forward_hooks, f"forward hook left on {name or 'root'}: {dict(m._forward_hooks)}"
         assert not m._forward_pre_hooks, f"forward pre-hook left on {name or 'root'}: {dict(m._forward_pre_hooks)}"
+        flags = getattr(m, "_forward_pre_hooks_with_kwargs", None)
+        assert not flags, f"pre-hook kwargs flag left on {name or 'root'}: {dict(flags)}"
 
 
 @contextlib.contextmanager

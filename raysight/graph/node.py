@@ -132,7 +132,8 @@ _new_tuple = tuple.__new__  # builds a named tuple without its Python-level __ne
 
 def user_source(skip: int = 2) -> Optional[tuple]:
     """The first frame outside raysight (and contextlib): the user's line that is being recorded, as the plain
-    ``(filename, lineno, function)`` tuple a node keeps (``Node.source`` gives it as a :class:`SourceLine`)."""
+    ``(code, instruction offset)`` pair a node keeps; ``Node.source`` turns it into a :class:`SourceLine` when someone
+    asks (rarely). A frame's ``f_lineno`` scans the code's line table on every read, so it is not read here."""
     frame = sys._getframe(skip)
     known = _internal_files
     while frame is not None:
@@ -141,10 +142,22 @@ def user_source(skip: int = 2) -> Optional[tuple]:
         internal = known.get(filename)
         if internal is None:
             internal = known[filename] = filename.startswith(_INTERNAL)
-        if not internal:  # a plain tuple: Node.source makes the SourceLine when someone asks (rarely)
-            return (filename, frame.f_lineno, code.co_name)  # type: ignore[return-value]
+        if not internal:
+            return (code, frame.f_lasti)  # type: ignore[return-value]
         frame = frame.f_back
     return None
+
+
+def _source_line(where: tuple) -> SourceLine:
+    """The SourceLine of a ``(code, instruction offset)`` pair from :func:`user_source`."""
+    code, offset = where
+    lineno = code.co_firstlineno
+    for start, end, line in code.co_lines():
+        if start <= offset < end:
+            if line is not None:
+                lineno = line
+            break
+    return _new_tuple(SourceLine, (code.co_filename, lineno, code.co_name))
 
 
 _NO_KWARGS: dict = {}
@@ -164,7 +177,7 @@ class Node:
     saved = False
     num_users = 0
     event_key: Optional[tuple] = None  # READ/WRITE: (module path, is_input), the events it uses (set when run)
-    _where: Optional[tuple] = None  # the source line, as a SourceLine or a plain (file, line, function) tuple
+    _where: Optional[tuple] = None  # the source line: a SourceLine, or the (code, offset) pair of user_source
 
     def __init__(
         self,
@@ -210,7 +223,7 @@ class Node:
         where = self._where
         if where is None or type(where) is SourceLine:
             return where
-        source = self._where = _new_tuple(SourceLine, where)
+        source = self._where = _source_line(where)
         return source
 
     @source.setter

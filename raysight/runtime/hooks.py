@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.utils.hooks
 
 from raysight.graph.node import Location
 from raysight.runtime.batching import replace_rows
@@ -25,6 +26,42 @@ ROOT_OUTPUT = ("", False)
 
 
 _NO_SKIPS: frozenset = frozenset()
+_Handle = torch.utils.hooks.RemovableHandle
+_DIRECT: Any = None  # whether hooks go straight into a module's hook dicts (decided on first use)
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, x: Any) -> Any:
+        return x
+
+
+def _direct_hooks_supported() -> bool:
+    """Registering a hook through torch's API makes a RemovableHandle (weak references to the hook dicts) and
+    removing it walks them again: about 8x the cost of the two dict updates that are the registration itself, and
+    paid per hooked module per trace. When this torch keeps its hooks in the dicts ``register_forward_hook`` and
+    ``register_forward_pre_hook`` fill (every 2.x release), the runtime puts its hooks there itself, with ids from
+    the same counter; otherwise it uses the API."""
+    global _DIRECT
+    probe = torch.nn.Module()
+    state = probe.__dict__
+    names = ("_forward_hooks", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+    _DIRECT = all(isinstance(state.get(name), dict) for name in names) and isinstance(
+        getattr(_Handle, "next_id", None), int
+    )
+    if _DIRECT:  # check that torch calls a hook put in that way, with the arguments the API would give it
+        seen: list = []
+        probe = _Identity()
+        state = probe.__dict__
+        state["_forward_pre_hooks"][-1] = lambda m, a, k: seen.append(("pre", len(a), type(k)))
+        state["_forward_pre_hooks_with_kwargs"][-1] = True
+        state["_forward_hooks"][-1] = lambda m, a, o: seen.append(("post", len(a), type(o)))
+        try:
+            probe(torch.zeros(1))
+        finally:
+            for name in names:
+                state[name].pop(-1, None)
+        _DIRECT = seen == [("pre", 1, dict), ("post", 1, torch.Tensor)]
+    return _DIRECT
 
 
 class HookSet:
@@ -55,11 +92,14 @@ class HookSet:
         self._skipped = skipped
         self._module_at = module_at
         self._on_event = interleaver.on_event
-        self._handles: list[Any] = []
+        self._handles: list[Any] = []  # torch's handles of hooks registered through its API
+        self._direct: list[tuple[dict, Any, int]] = []  # (hooks dict, with-kwargs flags or None, id) put in directly
         self._forwards: list[tuple[torch.nn.Module, Any]] = []  # modules given a skipping forward: (module, old)
 
     def __enter__(self) -> "HookSet":
         module_at, on_event, handles = self._module_at, self._on_event, self._handles
+        direct = _DIRECT if _DIRECT is not None else _direct_hooks_supported()
+        hook_id = _Handle.next_id
         try:
             for key in self._keys:
                 module = module_at(key[0])
@@ -69,19 +109,40 @@ class HookSet:
                                                                     with_kwargs=True))  # fmt: skip
                     self._forwards.append((module, module.__dict__.get("forward", _NONE)))
                     module.__dict__["forward"] = _skipping_forward(module.forward, pending)
-                elif key[1]:
-                    handles.append(module.register_forward_pre_hook(_pre_hook(key, on_event), with_kwargs=True))
-                else:
-                    handles.append(module.register_forward_hook(_post_hook(key, on_event)))
+                elif not direct:
+                    if key[1]:
+                        handles.append(module.register_forward_pre_hook(_pre_hook(key, on_event), with_kwargs=True))
+                    else:
+                        handles.append(module.register_forward_hook(_post_hook(key, on_event)))
+                elif key[1]:  # what register_forward_pre_hook(with_kwargs=True) does, without its handle
+                    state = module.__dict__
+                    hooks, flags = state["_forward_pre_hooks"], state["_forward_pre_hooks_with_kwargs"]
+                    hooks[hook_id] = _pre_hook(key, on_event)
+                    flags[hook_id] = True
+                    self._direct.append((hooks, flags, hook_id))
+                    hook_id += 1
+                else:  # what register_forward_hook does, without its handle
+                    hooks = module.__dict__["_forward_hooks"]
+                    hooks[hook_id] = _post_hook(key, on_event)
+                    self._direct.append((hooks, None, hook_id))
+                    hook_id += 1
         except BaseException:
             self.remove()
             raise
+        finally:
+            if hook_id > _Handle.next_id:  # ids stay unique among torch's own handles
+                _Handle.next_id = hook_id
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
 
     def remove(self) -> None:
+        for hooks, flags, hook_id in self._direct:
+            hooks.pop(hook_id, None)
+            if flags is not None:
+                flags.pop(hook_id, None)
+        self._direct.clear()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
