@@ -103,15 +103,20 @@ class Envoy:
             self.__dict__["_subtree"] = paths
         return paths
 
-    def modules(self) -> Iterator["Envoy"]:
-        """This envoy and every envoy below it."""
-        yield self
+    def modules(self) -> list["Envoy"]:
+        """This envoy and every envoy below it, depth first (a list, as in nnsight 0.4)."""
+        found = [self]
         for child in self._children.values():
-            yield from child.modules()
+            found.extend(child.modules())
+        return found
 
-    def named_modules(self) -> Iterator[tuple[str, "Envoy"]]:
-        for envoy in self.modules():
-            yield envoy._path, envoy
+    def named_modules(self) -> list[tuple[str, "Envoy"]]:
+        """``(path, envoy)`` for this envoy and every envoy below it (a list, as in nnsight 0.4)."""
+        return [(envoy._path, envoy) for envoy in self.modules()]
+
+    def _clear(self) -> None:
+        """nnsight 0.4 cleared the proxies its envoys cached between traces; raysight's envoys keep none, so there
+        is nothing to clear (kept so code written for 0.4, such as its test fixtures, runs unchanged)."""
 
     @property
     def path(self) -> str:
@@ -169,7 +174,7 @@ class Envoy:
 
     def all(self) -> Any:
         """Later accesses of this module and its descendants apply to every call (statement or ``with``)."""
-        return self._recorder("all()").select_calls(self._subtree_paths(), None)
+        return self._recorder("all()").select_calls(self._subtree_paths(), None, self)
 
     @property
     def iter(self) -> "_CallSelector":
@@ -291,4 +296,4 @@ class _CallSelector:
 
     def __getitem__(self, selection: Any) -> Any:
         envoy = self._envoy
-        return envoy._recorder("iter[...]").select_calls(envoy._subtree_paths(), selection)
+        return envoy._recorder("iter[...]").select_calls(envoy._subtree_paths(), selection, envoy)

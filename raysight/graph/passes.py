@@ -173,9 +173,17 @@ def _changes_a_constant(node: Node) -> bool:
     """An in-place change (``add_``, ``append``, ``x[i] = v``) of an object the client put into the graph."""
     if node.op not in (Op.CALL_METHOD, Op.CALL_FUNCTION) or not node.args or isinstance(node.args[0], Node):
         return False
-    first, target = node.args[0], node.target
+    first = node.args[0]
     if not isinstance(first, (list, dict, set)) and not hasattr(first, "data_ptr"):
         return False
+    return changes_in_place(node)
+
+
+def changes_in_place(node: Node) -> bool:
+    """Whether a call changes its first argument in place (``add_``, ``x[i] = v``, ``+=``, ``append``)."""
+    if node.op is not Op.CALL_METHOD and node.op is not Op.CALL_FUNCTION:
+        return False
+    target = node.target
     name = target if isinstance(target, str) else getattr(target, "__name__", "")
     return (name.endswith("_") and not name.startswith("__")) or name in _IN_PLACE_OPERATORS or name in (
         "append", "extend", "insert", "pop", "remove", "clear", "update", "add", "discard")  # fmt: skip

@@ -268,12 +268,14 @@ class Proxy:
         return id(self)
 
     def __format__(self, spec: str) -> str:
-        if self._value is not UNSET:
-            return format(self._value, spec)
+        if self._value is not UNSET or not self._recorder.recording:
+            return format(self.value, spec)  # (after the run, a value never set raises the ValueError)
         return format(repr(self), spec)
 
     def __str__(self) -> str:
-        if self._value is not UNSET or (_recording() is None and self.node.saved):
+        """After its trace: the value's text (``print(hidden)``), or the "never set" ``ValueError`` (not saved,
+        stopped early, a branch not taken), as in nnsight 0.4. While recording: a description of the node."""
+        if self._value is not UNSET or not self._recorder.recording:
             return str(self.value)
         return repr(self)
 

@@ -128,6 +128,12 @@ class LanguageModel(NNsight):
         Envoy.__init__(self, module, "", None)
         self._add_generator()
 
+    def _copy(self) -> "LanguageModel":
+        """An edited copy has the hook points of generation too (``edited.generator.output``)."""
+        copy = super()._copy()
+        copy.__dict__["generator"] = Envoy(self._generator_module, "generator", copy)
+        return copy
+
     def _add_generator(self) -> None:
         generator = _Generator()
         self.__dict__["_generator_module"] = generator

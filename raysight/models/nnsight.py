@@ -147,11 +147,12 @@ class NNsight(Envoy):
         args, kwargs, batch_size = self._prepare_input(*load(invoke.args), **load(invoke.kwargs))
         return InvokeInputs(args, kwargs, batch_size)
 
-    def session(self, remote: Any = False, backend: Any = None) -> Any:
-        """``with model.session() as session:`` — traces, loops and plain operations run as one graph at exit."""
+    def session(self, remote: Any = False, backend: Any = None, validate: bool = False) -> Any:
+        """``with model.session() as session:`` — traces, loops and plain operations run as one graph at exit.
+        ``validate=True`` validates every trace opened in it (as ``trace(..., validate=True)``)."""
         from raysight.tracing.session import Session
 
-        return Session(backend=_backend_for(remote, backend))
+        return Session(backend=_backend_for(remote, backend), validate=validate)
 
     def _ensure_dispatched(self) -> None:
         """Load real weights before a local run (a wrapped module already has them)."""

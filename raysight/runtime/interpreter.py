@@ -26,6 +26,7 @@ from raysight.graph.node import (
     CALL_FUNCTION, CALL_METHOD, CALL_MODULE, COND, GET_ATTR, GRAD, INVOKE, ITER, LOG, PARAM, READ, SET_GRAD, STOP,
     TRACE, WRITE, Calls, Location, map_nodes, Node
 )
+from raysight.graph.passes import changes_in_place
 from raysight.runtime.batching import Rows, narrow
 from raysight.runtime.gradients import Gradients
 from raysight.runtime.loops import Loops
@@ -137,6 +138,7 @@ class Interleaver(Gradients, Loops, Ops):
                         stream.pending = {}
                     stream.pending[(key, call)] = event
             self._advance()
+            stop = False
             for stream in self.streams:  # kept in case what a stream waits on never comes (see finish)
                 waiting = stream.waiting
                 if waiting is None or stream.last_event is event:
@@ -145,6 +147,9 @@ class Interleaver(Gradients, Loops, Ops):
                     if stream.missed is None:
                         stream.missed = {}
                     stream.missed[(key, call)] = event
+                    stop = stop or (key, call) in _stops_of(stream)
+            if stop:  # `envoy.output.stop()` written after a read of a later module: stop at this module, as
+                raise EarlyStop()  # nnsight 0.4 did (that read never gets its value), not OutOfOrderError later
         finally:
             self.event = outer
 
@@ -241,9 +246,12 @@ class Interleaver(Gradients, Loops, Ops):
                         continue
                 stream.last_event = event
                 if op is READ:  # inline: the most frequent node of all
-                    stream.last_read = target
                     stream.waiting = stream.wait_key = None
                     value = event.value
+                    if type(event) is _Reread:  # (its value was narrowed when it was first read)
+                        self._set(node, value)
+                        continue
+                    stream.last_read = target
                     try:
                         if target.key != "output" and target.key != "inputs":
                             value = _first_input(value)
@@ -323,6 +331,16 @@ class Interleaver(Gradients, Loops, Ops):
                 )
             return stream.missed[(key, call)]
         if self.counts.get(key, 0) > call:
+            last = stream.last_read
+            if node.op is READ and node.args:  # read again after a later module: the earlier read's value
+                earlier = node.args[0]
+                value = self.env[earlier.index]
+                if value is not FREED and value is not UNSET and value is not SKIPPED and not self._changed_later(node):
+                    return _Reread(key, call, value)
+            if node.op is READ and stream.missed is not None and last is not None and last.path == loc.path:
+                event = stream.missed.get((key, call))  # a module's input read after its own output (nnsight
+                if event is not None and not self._changed_later(node):  # 0.4's test_save): the input fired while
+                    return event  # the stream waited on that output; a read that is then edited cannot take effect
             after = f" after {stream.last_read}" if stream.last_read else ""
             raise annotate(
                 OutOfOrderError(
@@ -332,6 +350,18 @@ class Interleaver(Gradients, Loops, Ops):
                 node,
             )
         return None
+
+    def _changed_later(self, read: Node) -> bool:
+        """Whether any later node changes the value of ``read`` (or a value made from it) in place: such a change
+        comes too late to take effect when the module has already run. (A gradient is a value of its own.)"""
+        derived = {read.index}
+        for node in self.nodes[read.index + 1:]:
+            if node is None or node.op is GRAD or not node.deps or not any(d.index in derived for d in node.deps):
+                continue
+            if changes_in_place(node) and node.args and type(node.args[0]) is Node and node.args[0].index in derived:
+                return True
+            derived.add(node.index)
+        return False
 
     def _unreached(self, node: Node, stream: Stream, call: int) -> None:
         loc: Location = node.target
@@ -405,6 +435,27 @@ class Interleaver(Gradients, Loops, Ops):
             return a
         env = self.env
         return map_nodes(a, lambda n: env[n.index])
+
+
+def _stops_of(stream: Stream) -> frozenset:
+    """The events at which an ``envoy.output.stop()`` (a STOP of a single-call READ) in the top level of this
+    stream's body stops the pass."""
+    stops = stream.__dict__.get("stops")
+    if stops is None:
+        found = set()
+        for node in stream.body:
+            if node.op is STOP and node.args and type(node.args[0]) is Node and node.args[0].op is READ:
+                loc = node.args[0].target
+                if type(loc.call) is int:
+                    found.add(((loc.path, loc.key != "output"), loc.call))
+        stops = stream.__dict__["stops"] = frozenset(found)
+    return stops
+
+
+class _Reread(Event):
+    """What a read of a module that already fired gets when the same stream read it earlier: that read's value."""
+
+    __slots__ = ()
 
 
 _OPS = {

@@ -8,14 +8,39 @@ from raysight.graph.node import Calls
 
 
 class CallScope:
-    """Applies a multi-call selection at once (statement form, sticky) and undoes it when used as ``with``."""
+    """Applies a multi-call selection at once (statement form, sticky) and undoes it when used as ``with``.
 
-    def __init__(self, tracer: Any, paths: list[str], calls: Calls) -> None:
+    It also stands for the selected module, as nnsight 0.4's iteration envoy did: ``envoy.iter[1].output``,
+    ``envoy.all().output``, ``with envoy.iter[1:3] as e: e.output[:] = 0`` and its submodules (``e.mlp``) read and
+    write the selected calls."""
+
+    _envoy: Any = None
+
+    def __init__(self, tracer: Any, paths: list[str], calls: Calls, envoy: Any = None) -> None:
         self._tracer = tracer
         self._previous = {p: tracer._calls.get(p) for p in paths}
         for path in paths:
             tracer._calls[path] = calls
         self.calls = calls
+        if envoy is not None:
+            self._envoy = envoy
+
+    def __getattr__(self, name: str) -> Any:  # (only for what the scope itself lacks)
+        envoy = self.__dict__.get("_envoy")
+        if envoy is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(envoy, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("output", "input", "inputs") and self._envoy is not None:
+            setattr(self._envoy, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    def __getitem__(self, key: Any) -> Any:
+        if self._envoy is None:
+            raise TypeError(f"{type(self).__name__} selects calls of every module; index a module's envoy instead")
+        return self._envoy[key]
 
     def __enter__(self) -> "CallScope":
         return self

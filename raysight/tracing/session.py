@@ -25,7 +25,8 @@ class Session:
 
     is_session = True
 
-    def __init__(self, backend: Any = None) -> None:
+    def __init__(self, backend: Any = None, validate: bool = False) -> None:
+        self.validate = validate  # traces opened in it validate their operations on fake values
         self.graph = Graph()
         self.recording = False
         self._backend = backend
@@ -38,6 +39,7 @@ class Session:
     _to_arg = Tracer._to_arg
     _mode = None
     _calls: dict = {}  # never written: .next() positions belong to traces
+    _reads = None  # (reads are remembered per trace)
     model = None
     root_module = None
 

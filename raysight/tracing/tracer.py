@@ -85,6 +85,7 @@ class Tracer:
         self._validate = validate
         self._execute = execute
         self._meta: dict[int, Any] = {}
+        self._reads: Optional[dict] = {}  # Location -> (its latest READ, the body it is in), per invoke
 
     # -- the recorder protocol ------------------------------------------------------------------------------
     def record(self, op: Op, target: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Proxy:
@@ -102,12 +103,24 @@ class Tracer:
         graph = self.graph
         nodes = graph.nodes
         target = _new_tuple(Location, (path, key, calls.get(path, 0) if calls else 0))
+        body = graph._stack[-1]
+        reads = self._reads
         if args:
             node = Node(len(nodes), op, target, self._to_arg(args), None, None, user_source(2))
+            if reads:  # a write: later reads see what it wrote, not what an earlier read saw
+                _forget_reads(reads, target)
         else:
-            node = Node.leaf(len(nodes), op, target, user_source(2))
+            earlier = reads.get(target) if reads else None
+            if earlier is not None and earlier[1] is body:
+                # read again in the same block: the earlier read is its argument, so when the module has already
+                # fired (read again after a later module, as nnsight 0.4 allowed) the runtime reuses its value
+                node = Node(len(nodes), op, target, (earlier[0],), None, None, user_source(2))
+            else:
+                node = Node.leaf(len(nodes), op, target, user_source(2))
+            if reads is not None and op is READ and type(target.call) is int:
+                reads[target] = (node, body)
         nodes.append(node)
-        graph._stack[-1].append(node)
+        body.append(node)
         if self._mode is not None:
             self._record_meta(node)
         return new_proxy(node, self)
@@ -212,15 +225,16 @@ class Tracer:
             current = calls.get(path, 0)
             calls[path] = (current.start if isinstance(current, Calls) else current) + steps
 
-    def select_calls(self, paths: list[str], selection: Any) -> "CallScope":
-        """``.all()`` / ``.iter[...]``: later accesses of these modules refer to several calls."""
+    def select_calls(self, paths: list[str], selection: Any, envoy: Any = None) -> "CallScope":
+        """``.all()`` / ``.iter[...]``: later accesses of these modules refer to several calls (``envoy``: the
+        module selected, whose ``.output`` & co. the returned scope gives)."""
         self._scopes += 1
         if selection is None:  # .all(): this call and every later one
             start = self.call_index(paths[0]) if paths else 0
             calls = Calls(start.start if isinstance(start, Calls) else start, None, None, self._scopes)
         else:
             calls = parse_calls(selection, self._scopes)
-        return CallScope(self, paths, calls)
+        return CallScope(self, paths, calls, envoy)
 
     # -- the user's API -------------------------------------------------------------------------------------
     def all(self) -> "CallScope":
@@ -276,6 +290,8 @@ class Tracer:
             if not self._execute:
                 raise TraceError("model.edit() and model.scan() cannot be used inside a session; open them before it")
             self._session = active  # record into the session's graph, inside a TRACE node
+            if active.validate:
+                self._scan = self._validate = True
             self.graph = active.graph
             spec = TraceSpec(self.model, self.invokes, self._forward_kwargs, self._method)
             self._trace_node = self.graph.add(TRACE, spec, source=user_source(1))
@@ -393,6 +409,14 @@ class TraceSpec:
         return f"{type(self.model).__name__}.{self.method}({len(self.invokes)} invokes)"
 
 
+def _forget_reads(reads: dict, written: Location) -> None:
+    """A write of ``written`` (``.output = v``, ``.input = v``, a skip): reads of that event are no longer current."""
+    path, call = written.path, written.call
+    keys = ("output",) if written.key in ("output", "skip") else ("input", "inputs")
+    for key in keys:
+        reads.pop(_new_tuple(Location, (path, key, call)), None)
+
+
 def _nodes_in(value: Any) -> list[Node]:
     if isinstance(value, Node):
         return [value]
@@ -472,12 +496,14 @@ class Invoker:
         tracer.graph.enter(node)
         tracer._invoker = self
         self._outer_calls, tracer._calls = tracer._calls, {}  # .next() positions start afresh in each invoke
+        self._outer_reads, tracer._reads = tracer._reads, {}
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         self.tracer.graph.exit()
         self.tracer._invoker = None
         self.tracer._calls = self._outer_calls
+        self.tracer._reads = self._outer_reads
         return False
 
 

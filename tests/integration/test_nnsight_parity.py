@@ -1081,3 +1081,231 @@ def test_invoker_inputs_of_a_wrapped_module_are_args_and_kwargs(tiny, tx):
             tiny.output.save()
     args, kwargs = invoker.inputs
     assert torch.equal(args[0], tx) and kwargs == {}
+
+
+# ================================================================================================================
+# Orders of reads that nnsight 0.4's tests and tutorials use (it ran a node when its module fired, raysight runs
+# the graph in program order): each works, and what could not take effect still raises OutOfOrderError
+# ================================================================================================================
+def test_save_output_then_input_of_the_same_module(gpt2, gpt2_ref, lm_tokenizer):
+    """test_lm.py's test_save reads the last block's output, then its input."""
+    with gpt2.generate(MSG, max_new_tokens=1):
+        hs = gpt2.transformer.h[-1].output.save()
+        hs_input = gpt2.transformer.h[-1].input.save()
+    seen: dict = {}
+
+    def keep(mod, args, out):
+        seen.setdefault("io", (args[0].detach().clone(), _first(out).detach().clone()))
+
+    handle = gpt2_ref.transformer.h[-1].register_forward_hook(keep)
+    try:
+        ref_forward(gpt2_ref, lm_tokenizer, MSG)
+    finally:
+        handle.remove()
+    assert _close(hs_input.value, seen["io"][0])
+    assert _close(_first(hs.value), seen["io"][1])
+
+
+def test_output_then_input_in_each_of_two_invokes(tiny, net, tx):
+    xb = torch.rand(2, 5, generator=torch.Generator().manual_seed(3))
+    with tiny.trace() as tracer:
+        with tracer.invoke(tx):
+            out_a = tiny.layer2.output.save()
+            in_a = tiny.layer2.input.save()
+        with tracer.invoke(xb):
+            in_b = tiny.layer2.inputs.save()
+    assert _close(out_a.value, net(tx))
+    assert _close(in_a.value, net.layer1(tx))
+    args, kwargs = in_b.value
+    assert _close(args[0], net.layer1(xb)) and kwargs == {}
+
+
+def test_an_input_edited_after_its_modules_output_was_read_is_out_of_order(tiny, net, tx):
+    """Zeroing the input once the module has run cannot take effect: an error, not a silent no-op."""
+    with pytest.raises(nnsight.OutOfOrderError, match="layer2.input"):
+        with tiny.trace(tx):
+            tiny.layer2.output.save()
+            tiny.layer2.input[:] = 0
+
+
+def test_walkthrough_gradients_edited_then_read_again(tiny, net, tx):
+    """The walkthrough's gradient cell reads layer1.output again after layer2.output: the second read is the
+    first one's value, so its `.grad` is the gradient edited in place (zero), and layer2's is doubled."""
+    net.requires_grad_(False)
+    with tiny.trace(tx):
+        tiny.layer1.output.requires_grad = True
+        tiny.layer1.output.grad[:] = 0
+        tiny.layer2.output.grad = tiny.layer2.output.grad * 2
+        g1 = tiny.layer1.output.grad.save()
+        g2 = tiny.layer2.output.grad.save()
+        tiny.output.sum().backward()
+    seen: dict = {}
+
+    def track(name):
+        def hook(mod, args, out):
+            if not out.requires_grad:
+                out.requires_grad_(True)
+            out.register_hook(lambda g: seen.setdefault(name, g.clone()))
+
+        return hook
+
+    handles = [net.layer1.register_forward_hook(track("g1")), net.layer2.register_forward_hook(track("g2"))]
+    try:
+        net(tx).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(g1.value, torch.zeros_like(seen["g1"]))
+    assert torch.equal(g2.value, 2 * seen["g2"])
+
+
+def test_a_module_read_again_after_a_later_one_has_the_first_reads_value(tiny, net, tx):
+    with tiny.trace(tx):
+        first = tiny.layer1.output.save()
+        tiny.layer2.output.save()
+        again = tiny.layer1.output.save()
+        doubled = (tiny.layer1.output * 2).save()
+    assert _close(again.value, net.layer1(tx)) and again.value is first.value
+    assert _close(doubled.value, 2 * net.layer1(tx))
+
+
+def test_a_module_read_again_and_edited_after_a_later_one_is_out_of_order(tiny, net, tx):
+    with pytest.raises(nnsight.OutOfOrderError, match="layer1.output"):
+        with tiny.trace(tx):
+            tiny.layer1.output.save()
+            tiny.layer2.output.save()
+            tiny.layer1.output[:] = 0  # layer2 already ran on the unedited value
+
+
+def test_a_module_swapped_then_read_after_a_later_one_is_out_of_order(tiny, net, tx):
+    """After `.output = v` a later read must see v; once the module has run it cannot, so it is an error."""
+    with pytest.raises(nnsight.OutOfOrderError, match="layer1.output"):
+        with tiny.trace(tx):
+            tiny.layer1.output.save()
+            tiny.layer1.output = torch.zeros(1, 10)
+            tiny.layer2.output.save()
+            tiny.layer1.output.save()
+
+
+def test_a_read_in_a_false_cond_is_not_reused_outside_it(tiny, net, tx):
+    with tiny.trace(tx) as tracer:
+        with tracer.cond(False):
+            tiny.layer1.output.save()
+        after = tiny.layer1.output.save()
+    assert _close(after.value, net.layer1(tx))
+
+
+def test_early_stop_page_stop_at_an_earlier_module_after_a_later_read(tiny, net, tx):
+    """The early-stopping page: layer2's read comes first, but the pass stops at layer1, so layer2 never runs and
+    its value is never set (nnsight 0.4: "Accessing value before it's been set")."""
+    fired = []
+    handle = net.layer2.register_forward_hook(lambda m, a, o: fired.append(1))
+    try:
+        with tiny.trace(tx):
+            l2_out = tiny.layer2.output.save()
+            tiny.layer1.output.stop()
+    finally:
+        handle.remove()
+    assert fired == []
+    with pytest.raises(ValueError, match="before it's been set"):
+        print(l2_out)
+
+
+def test_multiple_token_old_loop_reads_the_first_call_each_time(gpt2, gpt2_ref, lm_tokenizer):
+    """The multiple-token page's old loop: layers[0] is zeroed at each step (.next() moves it on), layers[-1] is
+    read without .next(), so every read is its first call (as in nnsight 0.4)."""
+    layers = gpt2.transformer.h
+    hidden_states = []
+    with gpt2.generate(MSG, max_new_tokens=3, min_new_tokens=3):
+        for _ in range(3):
+            layers[0].output[:] = 0
+            hidden_states.append(layers[-1].output.save())
+            layers[0].next()
+    seen, _ = capture_all(gpt2_ref, {"last": gpt2_ref.transformer.h[-1]},
+                          lambda: _zeroed_generate(gpt2_ref, lm_tokenizer))  # fmt: skip
+    assert len(hidden_states) == 3
+    for saved in hidden_states:
+        assert _close(saved.value, seen["last"][0])
+
+
+def _zeroed_generate(ref, tok):
+    with hooked(ref.transformer.h[0], lambda i, out: torch.zeros_like(out)):
+        return ref_generate(ref, tok, MSG, 3)
+
+
+# ================================================================================================================
+# Smaller parts of nnsight 0.4's API
+# ================================================================================================================
+def test_session_validate_flag_validates_its_traces(tiny, net, tx):
+    with tiny.session(validate=True):
+        with tiny.trace(tx):
+            l1 = tiny.layer1.output.save()
+    assert _close(l1.value, net.layer1(tx))
+    reached = []
+    with pytest.raises(IndexError):
+        with tiny.session(validate=True):
+            with tiny.trace(tx):
+                tiny.layer1.output[:, 99].save()  # caught on fake values at this line, while recording
+            reached.append("after the trace")
+    assert reached == []
+
+
+def test_printing_a_value_that_was_never_saved_raises(tiny, tx):
+    """The walkthrough's "Oh no an error!": an unsaved proxy has no value after the trace."""
+    with tiny.trace(tx):
+        output = tiny.output
+    with pytest.raises(ValueError, match="before it's been set"):
+        print(output)
+    with pytest.raises(ValueError, match="before it's been set"):
+        _ = f"{output}"
+
+
+@pytest.mark.local_only
+def test_edited_language_model_has_the_generator(gpt2_path, gpt2_ref, lm_tokenizer):
+    model = nnsight.LanguageModel(str(gpt2_path), dispatch=True)
+    with model.edit() as edited:
+        model.transformer.h[0].output[:] = 0
+    with edited.generate(MSG, max_new_tokens=2, min_new_tokens=2):
+        out = edited.generator.output.save()
+    with hooked(gpt2_ref.transformer.h[0], lambda i, o: torch.zeros_like(o) if i == 0 else None):
+        expected = ref_generate(gpt2_ref, lm_tokenizer, MSG, 2)  # (an edit applies to the first call, the prompt)
+    assert torch.equal(out.value, expected)
+
+
+def _twice() -> nnsight.NNsight:
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(self.lin(x))
+
+    torch.manual_seed(0)
+    return nnsight.NNsight(Twice())
+
+
+def test_iteration_envoy_gives_the_selected_calls_output():
+    """0.4's iteration envoy: `envoy.iter[i]` and `envoy.all()` stand for the module at those calls."""
+    model = _twice()
+    lin = model._module.lin
+    x = torch.rand(1, 4, generator=torch.Generator().manual_seed(2))
+    with model.trace(x):
+        second = model.lin.iter[1].output.save()
+    with model.trace(x):
+        with model.lin.iter[1] as envoy:
+            second_with = envoy.output.save()
+    with model.trace(x):
+        with model.lin.iter[0] as envoy:
+            envoy.output = torch.zeros(1, 4)
+        zeroed = model.output.save()
+    assert _close(second.value, lin(lin(x))) and _close(second_with.value, lin(lin(x)))
+    assert _close(zeroed.value, lin(torch.zeros(1, 4)))
+
+
+def test_envoy_modules_are_lists(tiny):
+    modules, named = tiny.modules(), tiny.named_modules()
+    assert isinstance(modules, list) and isinstance(named, list)
+    assert [m._module for m in modules] == list(tiny._module.modules())
+    assert [p for p, _ in named] == ["", "layer1", "layer2"]
+    tiny._clear()  # 0.4's test fixtures call it before each test
