@@ -36,7 +36,7 @@ class _ModuleValue:
         rec = _CURRENT.get()
         if rec is None or not rec.recording or rec.root_module is not envoy._root._module:
             rec = envoy._recorder(self.key)  # raises the error that says what is wrong, or allows a session
-        return rec.record_access(READ, envoy._path, self.key)
+        return rec.record_read(envoy._path, self.key)
 
 
 _VALUE_NAMES = ("output", "input", "inputs")
@@ -164,7 +164,7 @@ class Envoy:
         rec = _CURRENT.get()
         if rec is None or not rec.recording or rec.root_module is not self._root._module:
             rec = self._recorder("skip()")
-        rec.record_access(WRITE, self._path, "skip", (value,))
+        rec.record_write(self._path, "skip", value)
 
     def next(self, steps: int = 1) -> "Envoy":
         """Later accesses of this module and its descendants refer to their next call (chainable)."""
@@ -222,7 +222,7 @@ class Envoy:
             rec = _CURRENT.get()
             if rec is None or not rec.recording or rec.root_module is not self._root._module:
                 rec = self._recorder(key)
-            rec.record_access(WRITE, self._path, key, (value,))
+            rec.record_write(self._path, key, value)
         elif isinstance(value, torch.nn.Module):
             self._module.add_module(name, value)
             self._add_child(name, value)

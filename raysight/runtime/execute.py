@@ -33,67 +33,69 @@ def run_trace(
 ) -> Interleaver:
     """Run the nodes of ``body`` (a trace) interleaved with one run of ``model``; return the interleaver."""
     model._ensure_dispatched()
-    key, me = id(model.__dict__["_module"]), threading.get_ident()
-    if _RUNNING.get(key) == me:  # a trace inside this thread's own run (a session's trace, an ad-hoc call)
-        return _run_trace(model, body, nodes, invokes, forward_kwargs, method, parent, locations, deadline, log_to)
-    if _RUNNING.setdefault(key, me) != me:  # (setdefault: one atomic step) its hooks would see the other's pass
-        raise RuntimeError(
-            f"this {type(model).__name__} is running a trace in another thread; traces of one model in one process "
-            "run one at a time (hooks are per module): run them in turn, or in parallel on Ray (remote=True with "
-            "raysight.serve(model, replicas=N))"
-        )
+    key, me = id(model.__dict__["_module"]), _get_ident()
+    owner = _RUNNING.get(key)
+    if owner != me:  # (owner == me: a trace inside this thread's own run, e.g. a session's trace or ad-hoc call)
+        if _RUNNING.setdefault(key, me) != me:  # (setdefault: one atomic step) its hooks would see the other's pass
+            raise RuntimeError(
+                f"this {type(model).__name__} is running a trace in another thread; traces of one model in one "
+                "process run one at a time (hooks are per module): run them in turn, or in parallel on Ray "
+                "(remote=True with raysight.serve(model, replicas=N))"
+            )
     try:
-        return _run_trace(model, body, nodes, invokes, forward_kwargs, method, parent, locations, deadline, log_to)
+        edits, module_at = model._edits, model._module_at  # (an envoy's attributes are slow to look up: once each)
+        edit_start = len(nodes)
+        if edits:  # persistent edits: copies with their own indices, run first, see the whole batch
+            wrappers, copies, edit_locations = _edit_copies(model, edits, edit_start)
+            if locations is None:
+                locations = {n.target for n in _walk(body) if n.op is READ or n.op is WRITE}
+            locations = locations | edit_locations
+            body = wrappers + list(body)
+            nodes = nodes + copies
+        streams = _streams(body, invokes)
+        interleaver = Interleaver(nodes, streams, module_at, parent=parent)
+        if edits:
+            interleaver.edit_start = edit_start
+        if deadline is not None:
+            interleaver.deadline = deadline
+        if log_to is not None:
+            interleaver.log_to = log_to
+        args, kwargs = model._batch_inputs(invokes)
+        if forward_kwargs:
+            kwargs = {**kwargs, **forward_kwargs}
+        if locations is None:
+            locations = {n.target for n in _walk(body) if n.op is READ or n.op is WRITE}
+        # the root runs once in a forward pass: its events come around that call, not from hooks (when the model's
+        # _execute takes the caller; a subclass written against the older signature keeps the hooks)
+        direct_root = False
+        if method == "forward":
+            kind = type(model)
+            direct_root = _TAKES_CALL.get(kind)
+            if direct_root is None:
+                direct_root = _takes_root_caller(kind)
+        with HookSet(module_at, locations, interleaver, direct_root) as hooks:
+            if direct_root:
+                interleaver.call_root = hooks.call_root
+            try:
+                interleaver.start()
+                try:
+                    if direct_root:
+                        model._execute(method, args, kwargs, call=hooks.call_root)
+                    else:
+                        model._execute(method, args, kwargs)
+                except EarlyStop:
+                    return interleaver
+                interleaver.finish()
+            finally:
+                interleaver.call_root = None  # it points back at the interleaver: no cycle left for the collector
+        return interleaver
     finally:
-        del _RUNNING[key]
+        if owner != me:
+            del _RUNNING[key]
 
 
 _RUNNING: dict[int, int] = {}  # id of a root module running a trace -> the thread running it
-
-
-def _run_trace(model: Any, body: list[Node], nodes: list[Node], invokes: list[Any], forward_kwargs: dict,
-               method: str, parent: Optional[Interleaver], locations: Optional[set], deadline: Optional[float],
-               log_to: Any) -> Interleaver:  # fmt: skip
-    edit_start = len(nodes)
-    edits, module_at = model._edits, model._module_at  # (an envoy's attributes are slow to look up: once each)
-    if edits:  # persistent edits: copies with their own indices, run first, see the whole batch
-        wrappers, copies, edit_locations = _edit_copies(model, edits, len(nodes))
-        if locations is None:
-            locations = {n.target for n in _walk(body) if n.op is READ or n.op is WRITE}
-        locations = locations | edit_locations
-        body = wrappers + list(body)
-        nodes = nodes + copies
-    streams = _streams(body, invokes)
-    interleaver = Interleaver(nodes, streams, module_at, parent=parent)
-    interleaver.edit_start = edit_start
-    if deadline is not None:
-        interleaver.deadline = deadline
-    if log_to is not None:
-        interleaver.log_to = log_to
-    args, kwargs = model._batch_inputs(invokes)
-    if forward_kwargs:
-        kwargs = {**kwargs, **forward_kwargs}
-    if locations is None:
-        locations = {n.target for n in _walk(body) if n.op is READ or n.op is WRITE}
-    # the root runs once in a forward pass: its events come around that call, not from hooks (when the model's
-    # _execute takes the caller; a subclass written against the older signature keeps the hooks)
-    direct_root = method == "forward" and _takes_root_caller(type(model))
-    with HookSet(module_at, locations, interleaver, direct_root) as hooks:
-        if direct_root:
-            interleaver.call_root = hooks.call_root
-        try:
-            interleaver.start()
-            try:
-                if direct_root:
-                    model._execute(method, args, kwargs, call=hooks.call_root)
-                else:
-                    model._execute(method, args, kwargs)
-            except EarlyStop:
-                return interleaver
-            interleaver.finish()
-        finally:
-            interleaver.call_root = None  # it points back at the interleaver: no cycle left for the collector
-    return interleaver
+_get_ident = threading.get_ident
 
 
 def _edit_copies(model: Any, edits: list[Graph], offset: int) -> tuple[list[Node], list[Node], frozenset]:

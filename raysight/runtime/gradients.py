@@ -62,6 +62,8 @@ class Gradients:
         base = tensor._base if tensor._base is not None and tensor._base.requires_grad else None
         grad_stream = Stream(f"{stream.label} (gradient of {source.name})", None)
         armed = (node, grad_stream)
+        if type(self.armed) is tuple:  # the first gradient of this run: its own lists (the class has empty ones)
+            self.armed, self.grad_overrides = [], {}
         self.armed.append(armed)
         key = _grad_key(tensor)
         handles: list = []

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from operator import attrgetter
+from types import MappingProxyType
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -61,6 +62,10 @@ class Interleaver(Gradients, Loops, Ops):
     executed = 0  # nodes run or skipped so far
     _backwards: Optional[list[int]] = None
     interrupt: Optional[Callable[[], None]] = None  # raises to stop the run (a cancelled actor request), see INTERRUPT
+    # gradient streams waiting for their backward pass, and tensor -> gradient set while its hook runs (made by
+    # the first `.grad` of a run; these empty ones are read-only)
+    armed: Any = ()
+    grad_overrides: Any = MappingProxyType({})
 
     def __init__(
         self,
@@ -92,8 +97,6 @@ class Interleaver(Gradients, Loops, Ops):
         self.module_at = module_at
         self.counts: dict[tuple, int] = {}
         self.edit_start = len(nodes)  # nodes from this index on come from persistent edits and run first
-        self.grad_overrides: dict[int, Any] = {}  # tensor node -> gradient set while its hook runs
-        self.armed: list[tuple[Node, Stream]] = []  # gradient streams waiting for their backward pass
         self.streams: list[Stream] = []
         for body, rows, label in streams:
             stream = Stream(label, rows, body=body)

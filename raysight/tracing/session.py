@@ -27,6 +27,7 @@ class Session:
 
     def __init__(self, backend: Any = None, validate: bool = False) -> None:
         self.validate = validate  # traces opened in it validate their operations on fake values
+        self._reads: dict = {}  # see Tracer.record_read
         self.graph = Graph()
         self.recording = False
         self._backend = backend
@@ -35,11 +36,11 @@ class Session:
 
     # -- the recorder protocol (shared with Tracer) ---------------------------------------------------------
     record = Tracer.record
-    record_access = Tracer.record_access
+    record_read = Tracer.record_read
+    record_write = Tracer.record_write
     _to_arg = Tracer._to_arg
     _mode = None
     _calls: dict = {}  # never written: .next() positions belong to traces
-    _reads = None  # (reads are remembered per trace)
     model = None
     root_module = None
 

@@ -96,31 +96,45 @@ class Tracer:
             self._record_meta(node)
         return new_proxy(node, self)
 
-    def record_access(self, op: Op, path: str, key: str, args: tuple = ()) -> Proxy:
-        """Record a READ or WRITE of a module's ``key`` ("output", "input", "inputs"). The hot path of tracing, so
-        what ``Graph.add`` does is written out here, and the Location is made without its Python-level __new__."""
+    def record_read(self, path: str, key: str) -> Proxy:
+        """Record a READ of a module's ``key`` ("output", "input", "inputs"): the hot path of tracing, so what
+        ``Graph.add`` does is written out here, and the Location is made without its Python-level __new__.
+
+        A location read again in the same block takes the earlier read as its argument: when the module has
+        already fired by then (read again after a later module, which nnsight 0.4 allowed), the runtime reuses
+        the earlier read's value instead of raising OutOfOrderError."""
+        calls = self._calls
+        call = calls.get(path, 0) if calls else 0
+        target = _new_tuple(Location, (path, key, call))
+        graph = self.graph
+        nodes = graph.nodes
+        body = graph._stack[-1]
+        reads = self._reads
+        earlier = reads.get(target)
+        if earlier is None or earlier[1] is not body:
+            node = Node.leaf(len(nodes), READ, target, user_source(3))
+        else:
+            node = Node(len(nodes), READ, target, (earlier[0],), None, None, user_source(3))
+        if type(call) is int:
+            reads[target] = (node, body)
+        nodes.append(node)
+        body.append(node)
+        if self._mode is not None:
+            self._record_meta(node)
+        return new_proxy(node, self)
+
+    def record_write(self, path: str, key: str, value: Any) -> Proxy:
+        """Record a WRITE of a module's ``key`` ("output", "input", "inputs", or "skip": its output in place of
+        running it); later reads of that event see what it wrote, so earlier reads are not reused for them."""
         calls = self._calls
         graph = self.graph
         nodes = graph.nodes
         target = _new_tuple(Location, (path, key, calls.get(path, 0) if calls else 0))
-        body = graph._stack[-1]
-        reads = self._reads
-        if args:
-            node = Node(len(nodes), op, target, self._to_arg(args), None, None, user_source(2))
-            if reads:  # a write: later reads see what it wrote, not what an earlier read saw
-                _forget_reads(reads, target)
-        else:
-            earlier = reads.get(target) if reads else None
-            if earlier is not None and earlier[1] is body:
-                # read again in the same block: the earlier read is its argument, so when the module has already
-                # fired (read again after a later module, as nnsight 0.4 allowed) the runtime reuses its value
-                node = Node(len(nodes), op, target, (earlier[0],), None, None, user_source(2))
-            else:
-                node = Node.leaf(len(nodes), op, target, user_source(2))
-            if reads is not None and op is READ and type(target.call) is int:
-                reads[target] = (node, body)
+        node = Node(len(nodes), WRITE, target, self._to_arg((value,)), None, None, user_source(2))
+        if self._reads:
+            _forget_reads(self._reads, target)
         nodes.append(node)
-        body.append(node)
+        graph._stack[-1].append(node)
         if self._mode is not None:
             self._record_meta(node)
         return new_proxy(node, self)
@@ -378,7 +392,9 @@ class Tracer:
     def _run(self) -> None:
         backend = self._backend or current_default() or _local_backend()
         if backend is _LOCAL:  # this process: the request's parts go straight in
-            results = backend.run(self.model, self.graph, self.invokes, self._forward_kwargs, self._method)
+            graph = self.graph
+            results = run_trace(self.model, graph.body, graph.nodes, self.invokes, self._forward_kwargs,
+                                self._method, locations=graph.locations()).saved_values  # fmt: skip
         else:
             results = backend(self.model, self.request())
         for proxy in self._saved:
@@ -439,12 +455,16 @@ def _has_proxy(value: Any) -> bool:
 
 
 def _local_backend() -> Any:
-    global _LOCAL
+    global _LOCAL, run_trace
     if _LOCAL is None:
         from raysight.backends.local import LocalBackend
+        from raysight.runtime.execute import run_trace
 
         _LOCAL = LocalBackend()
     return _LOCAL
+
+
+run_trace: Any = None  # raysight.runtime.execute.run_trace, imported with the local backend
 
 
 _LOCAL: Any = None
