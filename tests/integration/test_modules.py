@@ -138,3 +138,17 @@ def test_a_module_assigned_over_an_existing_child_replaces_it_by_name_and_index(
         out = stack_model.layers[1].output.save()
     h = stack.layers[0](stack.embed(x4))
     assert torch.allclose(out.value, replacement(h))
+
+
+def test_a_torch_module_built_inside_a_trace_has_real_parameters(model, mlp, x):
+    """Only the public names (torch.nn.Parameter, torch.nn.Linear, ...) record while tracing; torch's own code keeps
+    the originals, so a LayerNorm made in the trace is a real module and can be applied to a proxy."""
+    with model.trace(x):
+        norm = torch.nn.LayerNorm(10)
+        normed = norm(model.layer1.output).save()
+        scale = torch.nn.Parameter(torch.full((10,), 2.0))  # the public name still records a node
+        scaled = (model.layer1.output * scale).save()
+    assert type(norm.weight) is torch.nn.Parameter and torch.equal(norm.weight, torch.ones(10))
+    hidden = mlp.layer1(x)
+    torch.testing.assert_close(normed.value, torch.nn.functional.layer_norm(hidden, (10,)))
+    torch.testing.assert_close(scaled.value, hidden * 2)
