@@ -106,6 +106,16 @@ class Interleaver(Gradients, Loops, Ops):
     # -- driving --------------------------------------------------------------------------------------------
     def start(self) -> None:
         """Run everything that needs no module before the forward pass."""
+        streams = self.streams
+        if len(streams) == 1:  # the common case: run the one stream up to its first read (or to its end)
+            stream = streams[0]
+            try:
+                next(stream.gen)
+            except StopIteration:
+                stream.done = True
+                return
+            if stream.wait_key is not None and len(streams) == 1:
+                return  # it waits for a module; nothing else can run before the pass
         self._advance()
 
     def on_event(self, key: tuple, value: Any) -> Event:
@@ -177,6 +187,9 @@ class Interleaver(Gradients, Loops, Ops):
     def _advance(self) -> None:
         """Resume every stream that can use the current event (or that waits on a value), until none progresses.
         Another pass is needed only when a stream that waits on a value from another stream is still waiting."""
+        streams = self.streams
+        if len(streams) == 1 and streams[0].done:  # (the common end of a run: nothing is left to resume)
+            return
         event = self.event
         key = event.key if event is not None else None
         while True:

@@ -310,7 +310,7 @@ class Tracer:
             spec = TraceSpec(self.model, self.invokes, self._forward_kwargs, self._method)
             self._trace_node = self.graph.add(TRACE, spec, source=user_source(1))
             self.graph.enter(self._trace_node)
-        self._depth = self.graph.depth  # invokes open at this depth
+        self._depth = len(self.graph._stack) - 1  # invokes open at this depth
         if "einops" in sys.modules and "raysight.tracing.einops_backend" not in sys.modules:
             import raysight.tracing.einops_backend  # noqa: F401 - defining the backend registers it with einops
         self.root_module = self.model._module  # envoys of this module (or an edited copy of it) record here
@@ -484,6 +484,43 @@ class Invoker:
 
     def __enter__(self) -> "Invoker":
         tracer = self.tracer
+        graph = tracer.graph
+        stack = graph._stack
+        if tracer._invoker is not None or not tracer.recording or len(stack) - 1 != tracer._depth:
+            self._refuse()
+        inputs, kwargs = raw = self._raw
+        scan = tracer._scan
+        if kwargs and "scan" in kwargs:
+            kwargs = dict(kwargs)
+            scan = kwargs.pop("scan") or scan
+            raw = (inputs, kwargs)
+        model = tracer.model
+        if tracer._session is not None and _has_proxy((inputs, kwargs)):  # a session value: prepared when it runs
+            args, kwargs, batch_size = tracer._to_arg(inputs), tracer._to_arg(kwargs), -1
+        else:
+            if _any_proxy(inputs) or (kwargs and _any_proxy(kwargs.values())):  # saved by an earlier trace
+                inputs, kwargs = value_of(inputs), value_of(kwargs)
+            args, kwargs, batch_size = model._prepare_input(*inputs, **kwargs)
+        self.inputs, self.kwargs, self.batch_size = model._invoker_inputs(args, kwargs), kwargs, batch_size
+        if scan and batch_size > 0:
+            self.scan = tracer.scan_inputs(args, kwargs)
+        if tracer._full_scan is not None:
+            tracer._full_scan = None
+        invokes = tracer.invokes
+        self.index = index = len(invokes)
+        invokes.append(InvokeInputs(args, kwargs, batch_size, raw))
+        nodes = graph.nodes
+        node = Node(len(nodes), INVOKE, index, body=[])  # (what graph.add and graph.enter do)
+        nodes.append(node)
+        stack[-1].append(node)
+        stack.append(node.body)
+        tracer._invoker = self
+        self._outer_calls, tracer._calls = tracer._calls, {}  # .next() positions start afresh in each invoke
+        self._outer_reads, tracer._reads = tracer._reads, {}
+        return self
+
+    def _refuse(self) -> None:
+        tracer = self.tracer
         if not tracer.recording:
             raise TraceError("tracer.invoke() must be used inside the `with model.trace():` block")
         if tracer._invoker is not None:
@@ -492,32 +529,7 @@ class Invoker:
                 "`with tracer.invoke(...)` block (or, for `model.trace(x)` with an input, put each input in its "
                 "own invoke and call `model.trace()` without one)"
             )
-        if tracer.graph.depth != tracer._depth:
-            raise TraceError("tracer.invoke() must be opened directly in the trace, not inside a cond block")
-        inputs, kwargs = self._raw
-        scan = tracer._scan
-        if "scan" in kwargs:
-            kwargs = dict(kwargs)
-            scan = kwargs.pop("scan") or scan
-        raw = (inputs, kwargs)
-        if tracer._session is not None and _has_proxy((inputs, kwargs)):  # a session value: prepared when it runs
-            args, kwargs, batch_size = tracer._to_arg(inputs), tracer._to_arg(kwargs), -1
-        else:
-            if _any_proxy(inputs) or (kwargs and _any_proxy(kwargs.values())):  # saved by an earlier trace
-                inputs, kwargs = value_of(inputs), value_of(kwargs)
-            args, kwargs, batch_size = tracer.model._prepare_input(*inputs, **kwargs)
-        self.inputs, self.kwargs, self.batch_size = tracer.model._invoker_inputs(args, kwargs), kwargs, batch_size
-        if scan and batch_size > 0:
-            self.scan = tracer.scan_inputs(args, kwargs)
-        tracer._full_scan = None
-        self.index = len(tracer.invokes)
-        tracer.invokes.append(InvokeInputs(args, kwargs, batch_size, raw))
-        node = tracer.graph.add(INVOKE, self.index)
-        tracer.graph.enter(node)
-        tracer._invoker = self
-        self._outer_calls, tracer._calls = tracer._calls, {}  # .next() positions start afresh in each invoke
-        self._outer_reads, tracer._reads = tracer._reads, {}
-        return self
+        raise TraceError("tracer.invoke() must be opened directly in the trace, not inside a cond block")
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         self.tracer.graph.exit()
