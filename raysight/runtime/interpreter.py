@@ -221,7 +221,17 @@ class Interleaver(Gradients, Loops, Ops):
             op = node.op
             if op is INVOKE:
                 continue  # its body is a stream of its own
-            ready = self._deps_ready(node) if node.deps else True
+            ready = True
+            if node.deps:  # (what _deps_ready does, inline)
+                env = self.env
+                for dep in node.deps:
+                    value = env[dep.index]
+                    if value is UNSET:
+                        ready = None
+                        break
+                    if value is SKIPPED:
+                        ready = False
+                        break
             while ready is None:
                 stream.waiting = node
                 stream.wait_key = None
@@ -277,6 +287,8 @@ class Interleaver(Gradients, Loops, Ops):
                         raise annotate(exc, node) from None
                     self._set(node, value)
                     continue
+            elif op is CALL_FUNCTION or op is CALL_METHOD or op is GET_ATTR:
+                pass  # the most frequent computations: straight to the op below
             elif op is COND:
                 try:
                     taken = bool(self._load(node.args[0]))
@@ -411,13 +423,19 @@ class Interleaver(Gradients, Loops, Ops):
         self.executed += 1
         if self.deadline is not None:
             self._check_deadline(node)
+        env = self.env
         if node.saved:
             self.saved_values[node.index] = value
-            self.env[node.index] = value
+            env[node.index] = value
         else:
-            self.env[node.index] = value if node.num_users else FREED
-        if node.deps:
-            self._release(node)
+            env[node.index] = value if node.num_users else FREED
+        if node.deps:  # (what _release does, inline)
+            remaining = self.remaining
+            for dep in node.deps:
+                i = dep.index
+                left = remaining[i] = remaining[i] - 1
+                if left == 0 and not dep.saved and env[i] is not SKIPPED:
+                    env[i] = FREED
 
     def _check_deadline(self, node: Node) -> None:
         if self.interrupt is not None:
