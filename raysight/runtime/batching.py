@@ -127,10 +127,13 @@ def _rebuild_mapping(original: Any, items: dict) -> Any:
 
 def batch_size_of(args: tuple, kwargs: dict) -> int:
     """The first dimension of the first tensor among the inputs (1 when there is none)."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
+    for value in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(value, _Tensor) and value.dim() > 0:
+            return value.size(0)  # (an int, without building the whole torch.Size)
     return 1
+
+
+_Tensor = torch.Tensor
 
 
 def concatenate_inputs(prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict]:

@@ -394,7 +394,7 @@ class Tracer:
         if backend is _LOCAL:  # this process: the request's parts go straight in
             graph = self.graph
             results = run_trace(self.model, graph.body, graph.nodes, self.invokes, self._forward_kwargs,
-                                self._method, locations=graph.locations()).saved_values  # fmt: skip
+                                self._method, None, graph.locations()).saved_values  # fmt: skip
         else:
             results = backend(self.model, self.request())
         for proxy in self._saved:
