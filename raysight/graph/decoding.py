@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from raysight.graph.callables import _RESTRICTED_ATTRS, _resolve, is_allowed
 from raysight.graph.graph import Graph
-from raysight.graph.node import Calls, Location, Node, Op, SourceLine
+from raysight.graph.node import Calls, Location, Node, Op, SourceLine, mark_stop
 from raysight.graph.schema import (
     SCHEMA_VERSION,
     Limits,
@@ -205,6 +205,9 @@ class _Decoder:
         graph.body.extend(self._body(wire.body, count, placed, -1))
         if not all(placed):
             raise self.fail(f"node %{placed.index(False)} is in no body")
+        for node in graph.nodes:
+            if node.op is Op.STOP:
+                mark_stop(node)
         return graph
 
     def _body(self, indices: list[int], count: int, placed: list[bool], owner: int) -> list[Node]:

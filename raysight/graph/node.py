@@ -177,6 +177,7 @@ class Node:
     saved = False
     num_users = 0
     event_key: Optional[tuple] = None  # READ/WRITE: (module path, is_input), the events it uses (set when run)
+    stops = False  # READ: an `envoy.output.stop()` later reads the same location again (see mark_stop)
     _where: Optional[tuple] = None  # the source line: a SourceLine, or the (code, offset) pair of user_source
 
     def __init__(
@@ -374,3 +375,15 @@ def map_nodes(a: Any, fn: Callable[[Node], Any]) -> Any:
     if isinstance(a, slice):
         return slice(map_nodes(a.start, fn), map_nodes(a.stop, fn), map_nodes(a.step, fn))
     return a
+
+
+def mark_stop(stop: Node) -> None:
+    """``envoy.output.stop()`` on a location the invoke read before (a READ that takes the earlier READ as its
+    argument): mark the reads of that chain, so the pass stops when that module fires, whatever the stream waits
+    for next (nnsight 0.4 stopped there; the runtime sees ``Node.stops``). Recording and decoding both call it."""
+    node = stop.args[0] if stop.args else None
+    if type(node) is not Node or node.op is not Op.READ or not node.args:
+        return
+    while type(node) is Node and node.op is Op.READ:
+        node.stops = True
+        node = node.args[0] if node.args else None

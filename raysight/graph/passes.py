@@ -183,10 +183,43 @@ def changes_in_place(node: Node) -> bool:
     """Whether a call changes its first argument in place (``add_``, ``x[i] = v``, ``+=``, ``append``)."""
     if node.op is not Op.CALL_METHOD and node.op is not Op.CALL_FUNCTION:
         return False
-    target = node.target
-    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    name = _name(node.target)
     return (name.endswith("_") and not name.startswith("__")) or name in _IN_PLACE_OPERATORS or name in (
         "append", "extend", "insert", "pop", "remove", "clear", "update", "add", "discard")  # fmt: skip
+
+
+def changes_tensor_in_place(node: Node) -> bool:
+    """Whether a call changes the tensor it is given first in place (``zero_``, ``x[i] = v``, ``+=``); ``add``,
+    ``torch.add`` and ``x + 1`` make new tensors."""
+    if node.op is not Op.CALL_METHOD and node.op is not Op.CALL_FUNCTION:
+        return False
+    name = _name(node.target)
+    return (name.endswith("_") and not name.startswith("__")) or name in _IN_PLACE_OPERATORS
+
+
+def views_its_input(node: Node) -> bool:
+    """Whether a node's value may share memory with its first argument (indexing, ``view``, ``transpose``,
+    ``detach``, ``.data``, ...): an in-place change of it changes that argument too. ``clone`` and arithmetic make
+    new tensors."""
+    if node.op is Op.GET_ATTR:
+        return node.target in _VIEW_ATTRIBUTES
+    if node.op is not Op.CALL_METHOD and node.op is not Op.CALL_FUNCTION:
+        return False
+    return _name(node.target) in _VIEWS
+
+
+def _name(target: Any) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", "") or ""
+
+
+_VIEWS = frozenset({
+    "getitem", "__getitem__", "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "narrow", "select",
+    "expand", "expand_as", "t", "unsqueeze", "squeeze", "flatten", "unflatten", "unbind", "split", "chunk",
+    "tensor_split", "split_with_sizes", "detach", "contiguous", "as_strided", "diagonal", "movedim", "moveaxis",
+    "swapaxes", "swapdims", "unfold", "view_as_real", "view_as_complex", "real", "imag", "to", "type", "type_as",
+    "float", "half", "double", "bfloat16", "cpu", "cuda", "rename", "align_to",
+})  # fmt: skip
+_VIEW_ATTRIBUTES = frozenset({"data", "T", "mT", "H", "mH", "real", "imag"})
 
 
 def _walk_outside_loops(body: list[Node]) -> Any:

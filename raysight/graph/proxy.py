@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from typing import Any, Optional, Protocol
 
 from raysight.errors import TraceError
-from raysight.graph.node import CALL_FUNCTION, CALL_METHOD, GET_ATTR, GRAD, SET_GRAD, STOP, Node, Op
+from raysight.graph.node import CALL_FUNCTION, CALL_METHOD, GET_ATTR, GRAD, SET_GRAD, STOP, Node, Op, mark_stop
 
 
 class _Unset:
@@ -134,7 +134,7 @@ class Proxy:
     def stop(self) -> None:
         """End the forward pass as soon as this value has been computed."""
         rec = _require_recording("stop()")
-        rec.record(STOP, None, (self,))
+        mark_stop(rec.record(STOP, None, (self,)).node)
 
     # -- recording or acting on the value --------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

@@ -27,7 +27,7 @@ from raysight.graph.node import (
     CALL_FUNCTION, CALL_METHOD, CALL_MODULE, COND, GET_ATTR, GRAD, INVOKE, ITER, LOG, PARAM, READ, SET_GRAD, STOP,
     TRACE, WRITE, Calls, Location, map_nodes, Node
 )
-from raysight.graph.passes import changes_in_place
+from raysight.graph.passes import changes_tensor_in_place, views_its_input
 from raysight.runtime.batching import Rows, narrow
 from raysight.runtime.gradients import Gradients
 from raysight.runtime.loops import Loops
@@ -135,6 +135,8 @@ class Interleaver(Gradients, Loops, Ops):
                     stream.done = True
                 finally:
                     self.event = None
+                if stream.stop_at is event and stream.wait_key is not None:
+                    raise EarlyStop()  # (see Node.stops)
                 if len(streams) == 1 and (stream.done or stream.wait_key is not None):
                     return event  # nothing else can have become runnable
         self._deliver(event)
@@ -161,6 +163,9 @@ class Interleaver(Gradients, Loops, Ops):
                         stream.missed = {}
                     stream.missed[(key, call)] = event
                     stop = stop or (key, call) in _stops_of(stream)
+            for stream in self.streams:
+                if stream.stop_at is event and not stream.done and stream.wait_key is not None:
+                    stop = True  # (see Node.stops)
             if stop:  # `envoy.output.stop()` written after a read of a later module: stop at this module, as
                 raise EarlyStop()  # nnsight 0.4 did (that read never gets its value), not OutOfOrderError later
         finally:
@@ -278,6 +283,8 @@ class Interleaver(Gradients, Loops, Ops):
                         self._set(node, value)
                         continue
                     stream.last_read = target
+                    if node.stops:  # a stop of this location comes later: the pass ends at this event
+                        stream.stop_at = event
                     try:
                         if target.key != "output" and target.key != "inputs":
                             value = _first_input(value)
@@ -380,15 +387,17 @@ class Interleaver(Gradients, Loops, Ops):
         return None
 
     def _changed_later(self, read: Node) -> bool:
-        """Whether any later node changes the value of ``read`` (or a value made from it) in place: such a change
-        comes too late to take effect when the module has already run. (A gradient is a value of its own.)"""
-        derived = {read.index}
+        """Whether any later node changes the value of ``read`` (or a view of it) in place: such a change comes too
+        late to take effect when the module has already run. (A clone, an arithmetic result or a gradient is a value
+        of its own.)"""
+        views = {read.index}
         for node in self.nodes[read.index + 1:]:
-            if node is None or node.op is GRAD or not node.deps or not any(d.index in derived for d in node.deps):
+            if node is None or not node.args or type(node.args[0]) is not Node or node.args[0].index not in views:
                 continue
-            if changes_in_place(node) and node.args and type(node.args[0]) is Node and node.args[0].index in derived:
+            if changes_tensor_in_place(node):
                 return True
-            derived.add(node.index)
+            if views_its_input(node):
+                views.add(node.index)
         return False
 
     def _unreached(self, node: Node, stream: Stream, call: int) -> None:

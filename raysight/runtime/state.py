@@ -69,6 +69,7 @@ class Stream:
     missed: Optional[dict] = None  # events it wanted that fired while it waited on something else
     moved: frozenset = frozenset()  # nodes of its body handed to a gradient or multi-call stream (`|=` rebinds)
     last_event: Optional[Event] = None  # the last event a read or write of this stream used
+    stop_at: Optional[Event] = None  # the event at which a later `envoy.output.stop()` ends the pass (Node.stops)
 
     def __init__(self, label: str, rows: Optional[Rows], open_ended: bool = False, body: Optional[list] = None):
         self.label = label

@@ -5,21 +5,21 @@
   proxy before any dispatch happens.
 * Training objects (``torch.nn.Parameter``, ``torch.nn.Linear``, ``torch.optim`` optimizers, ``DataLoader``):
   constructed while a trace or session records, they become nodes, so they are created (and trained) where the
-  graph runs; they are kept after the run (saved) so later traces can use them. They are replaced in their public
-  modules (``torch.nn``, ``torch.optim``, ``torch.utils.data``) by subclasses that record, so ``isinstance`` and
-  subclassing keep working; torch's own code keeps the originals, so a module built while recording (a
-  ``torch.nn.LayerNorm`` applied ad hoc) gets real parameters. (Swapping ``Parameter.__new__`` instead would reach
-  those too, and changing a class's attributes on every trace drops the interpreter's caches of it.)
+  graph runs; they are kept after the run (saved) so later traces can use them. ``Parameter`` gets a recording ``__new__``;
+  the others are replaced in their modules by subclasses that record (``isinstance`` and subclassing keep
+  working in both cases). Torch's own code constructing a Parameter (a ``torch.nn.LayerNorm`` built while
+  recording) gets a real one.
 
-All of it is swapped in while any trace or session records (four dict updates) and swapped back after; the
-stand-ins do the original thing whenever no recorder is active in the calling context (another thread, say).
-Nothing is patched at import.
+All of it is swapped in while any trace or session records (four dict updates and one ``__new__``) and swapped
+back after; the stand-ins do the original thing whenever no recorder is active in the calling context (another
+thread, say). Nothing is patched at import.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import threading
 from typing import Any, Callable
 
@@ -53,6 +53,27 @@ def _record_construction(cls: type, args: tuple, kwargs: dict) -> Any:
     return proxy
 
 
+def _parameter_new() -> Any:
+    """``torch.nn.Parameter`` keeps its class (torch and libraries subclass it with metaclasses of their own, e.g.
+    FSDP's ``FlatParameter``); its own ``__new__`` is swapped for one that records."""
+    original = torch.nn.Parameter.__dict__["__new__"].__func__
+
+    def __new__(kind: type, *args: Any, **kwargs: Any) -> Any:
+        if kind is torch.nn.Parameter and not _from_torch(sys._getframe(1)):
+            proxy = _record_construction(kind, args, kwargs)
+            if proxy is not None:
+                return proxy  # not a Parameter, so Python skips __init__
+        return original(kind, *args, **kwargs)
+
+    return staticmethod(__new__)
+
+
+def _from_torch(frame: Any) -> bool:
+    """Whether the caller is torch's own code: a module built while recording (``torch.nn.LayerNorm(10)`` applied
+    ad hoc) makes real parameters; only the user's ``torch.nn.Parameter(...)`` records."""
+    return frame is not None and str(frame.f_globals.get("__name__", "")).startswith("torch.")
+
+
 def _stand_in(original: type) -> type:
     """A subclass of ``original`` that stands in for it in its module while a session records: calling it records
     a node; ``isinstance``/``issubclass`` answer for ``original``; classes that subclass it meanwhile (a library
@@ -76,10 +97,9 @@ def _stand_in(original: type) -> type:
     return stand_in
 
 
-_namespaces: list[dict] = []  # the module dicts enable() and disable() update, in order
-_swap_in: list[dict] = []  # per namespace: the stand-ins (what enable() puts in)
-_swap_out: list[dict] = []  # per namespace: the originals (what disable() puts back)
-_update = dict.update
+_parameter_news: list[Any] = []  # [recording __new__, original __new__]
+_swap_in: list[tuple[Callable, dict]] = []  # (namespace.update, wrappers): what enable() calls
+_swap_out: list[tuple[Callable, dict]] = []  # (namespace.update, originals): what disable() calls
 _lock = threading.Lock()
 _active = 0  # recorders open (traces and sessions)
 
@@ -95,13 +115,12 @@ def _build_tables() -> None:
         for name, value in vars(torch.optim).items()
         if inspect.isclass(value) and issubclass(value, torch.optim.Optimizer) and value is not torch.optim.Optimizer
     ]
-    for module, names in ((torch.nn, ("Linear", "Parameter")), (torch.optim, optimizers),
-                          (torch.utils.data, ("DataLoader",))):  # fmt: skip
+    for module, names in ((torch.nn, ("Linear",)), (torch.optim, optimizers), (torch.utils.data, ("DataLoader",))):
         originals = {name: module.__dict__[name] for name in names}
         tables.append((module.__dict__, {n: _stand_in(c) for n, c in originals.items()}, originals))
-    _namespaces.extend(namespace for namespace, _, _ in tables)
-    _swap_out.extend(originals for _, _, originals in tables)
-    _swap_in.extend(wrappers for _, wrappers, _ in tables)  # last: enable() checks it
+    _parameter_news.extend([_parameter_new(), torch.nn.Parameter.__dict__["__new__"]])
+    _swap_out.extend((namespace.update, originals) for namespace, _, originals in tables)
+    _swap_in.extend((namespace.update, wrappers) for namespace, wrappers, _ in tables)  # last: enable() checks it
 
 
 def enable() -> None:
@@ -112,7 +131,9 @@ def enable() -> None:
         if _active == 1:
             if not _swap_in:
                 _build_tables()
-            any(map(_update, _namespaces, _swap_in))  # (dict.update returns None: every namespace is updated)
+            for update, table in _swap_in:
+                update(table)
+            torch.nn.Parameter.__new__ = _parameter_news[0]
 
 
 def disable() -> None:
@@ -120,4 +141,6 @@ def disable() -> None:
     with _lock:
         _active -= 1
         if _active == 0:
-            any(map(_update, _namespaces, _swap_out))
+            for update, table in _swap_out:
+                update(table)
+            torch.nn.Parameter.__new__ = _parameter_news[1]

@@ -111,12 +111,14 @@ class Tracer:
         body = graph._stack[-1]
         reads = self._reads
         earlier = reads.get(target)
-        if earlier is None or earlier[1] is not body:
+        if earlier is None or (earlier[1] is not body and not _open(graph._stack, earlier[1])):
             node = Node.leaf(len(nodes), READ, target, user_source(3))
-        else:
+            if type(call) is int:
+                reads[target] = (node, body)
+        else:  # read before in this block or in one around it (a cond inside), which has run by then
             node = Node(len(nodes), READ, target, (earlier[0],), None, None, user_source(3))
-        if type(call) is int:
-            reads[target] = (node, body)
+            if earlier[1] is body:
+                reads[target] = (node, body)
         nodes.append(node)
         body.append(node)
         if self._mode is not None:
@@ -423,6 +425,14 @@ class TraceSpec:
 
     def __repr__(self) -> str:
         return f"{type(self.model).__name__}.{self.method}({len(self.invokes)} invokes)"
+
+
+def _open(stack: list, body: list) -> bool:
+    """Whether ``body`` is one of the blocks being recorded into now (an enclosing one)."""
+    for open_body in stack:
+        if open_body is body:
+            return True
+    return False
 
 
 def _forget_reads(reads: dict, written: Location) -> None:

@@ -1169,6 +1169,49 @@ def test_a_module_read_again_after_a_later_one_has_the_first_reads_value(tiny, n
     assert _close(doubled.value, 2 * net.layer1(tx))
 
 
+def test_arithmetic_and_edited_clones_of_a_late_reread_are_fine(tiny, net, tx):
+    """`+`, `torch.add` and `.add` make new tensors, and editing a clone never reaches the model: none of them is an
+    edit that comes too late."""
+    with tiny.trace(tx):
+        tiny.layer1.output.save()
+        tiny.layer2.output.save()
+        plus = (tiny.layer1.output + 1).save()
+        added = torch.add(tiny.layer1.output, 2).save()
+        method = tiny.layer1.output.add(3).save()
+        copy = tiny.layer1.output.clone()
+        copy[:] = 0
+        copy = copy.save()
+    hidden = net.layer1(tx)
+    assert _close(plus.value, hidden + 1) and _close(added.value, hidden + 2) and _close(method.value, hidden + 3)
+    assert torch.equal(copy.value, torch.zeros_like(hidden))
+
+
+def test_a_module_read_again_inside_a_cond_after_a_later_one(tiny, net, tx):
+    with tiny.trace(tx) as tracer:
+        tiny.layer1.output.save()
+        with tracer.cond(tiny.layer1.output.sum() > -1e9):
+            tiny.layer2.output.save()
+            again = (tiny.layer1.output * 2).save()
+    assert _close(again.value, 2 * net.layer1(tx))
+
+
+def test_stop_of_a_module_read_before_a_later_one_stops_at_it(tiny, net, tx):
+    """nnsight 0.4's order: layer1 read, layer2 read, then layer1.output.stop(): the pass stops at layer1, so
+    layer2 never runs and its value is never set."""
+    fired = []
+    handle = net.layer2.register_forward_hook(lambda m, a, o: fired.append(1))
+    try:
+        with tiny.trace(tx):
+            l1 = tiny.layer1.output.save()
+            l2 = tiny.layer2.output.save()
+            tiny.layer1.output.stop()
+    finally:
+        handle.remove()
+    assert fired == [] and _close(l1.value, net.layer1(tx))
+    with pytest.raises(ValueError, match="before it's been set"):
+        _ = l2.value
+
+
 def test_a_module_read_again_and_edited_after_a_later_one_is_out_of_order(tiny, net, tx):
     with pytest.raises(nnsight.OutOfOrderError, match="layer1.output"):
         with tiny.trace(tx):

@@ -254,3 +254,27 @@ def test_validate_raises_for_a_set_value_of_the_wrong_batch(model, mlp, x, count
                 model.layer1.output[:, 0] = torch.zeros(3)  # batch is 2
     assert "model.layer1.output[:, 0] = torch.zeros(3)  # batch is 2" in notes_text(info.value)
     assert calls[0] == 0
+
+
+@pytest.mark.local_only
+def test_a_scan_in_a_fresh_process_imports_what_it_needs_while_recording(tmp_path):
+    """The first scan imports torch._dynamo (and through it FSDP, whose FlatParameter subclasses nn.Parameter with a
+    metaclass of its own) while the trace records: what raysight swaps in for recording must not break that."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "scan.py"
+    script.write_text(
+        "import torch, raysight\n"
+        "m = raysight.NNsight(torch.nn.Linear(4, 5))\n"
+        "x = torch.randn(2, 4)\n"
+        "with m.trace(x, scan=True):\n"
+        "    shape = tuple(m.output.shape)\n"
+        "    out = m.output.save()\n"
+        "assert shape == (2, 5), shape\n"
+        "assert torch.allclose(out.value, m._module(x))\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
