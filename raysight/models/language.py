@@ -201,7 +201,8 @@ class LanguageModel(NNsight):
             isinstance(source, (list, tuple)) and source and all(isinstance(s, str) for s in source)
         ):  # a tuple of strings is what a DataLoader collates a batch of strings into
             texts = [source] if isinstance(source, str) else list(source)
-            encoded = tok(texts, return_tensors="pt", padding=True, **tokenizer_kwargs)
+            options = {"return_tensors": "pt", "padding": True, **tokenizer_kwargs}  # (the user's padding= wins)
+            encoded = tok(texts, **options)
             # what HF users pass with model(**tokenizer(...)): every tokenizer output the forward accepts
             return {k: v for k, v in encoded.items() if k in _MODEL_INPUTS and _accepts(self._module, k)}
         if isinstance(source, dict) or hasattr(source, "data") and hasattr(source, "keys"):

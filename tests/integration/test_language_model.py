@@ -268,6 +268,19 @@ def test_tokenizer_options_per_invoke(gpt2, gpt2_ref, lm_tokenizer):
     assert torch.allclose(full.value[0], expected_full, atol=ATOL)
 
 
+def test_a_padding_option_of_an_invoke_replaces_the_default(gpt2, gpt2_ref, lm_tokenizer):
+    """The tokenizer pads batches by default (padding=True); an invoke's own padding= is what it gets instead."""
+    with gpt2.trace() as tracer:
+        with tracer.invoke("hello", padding="max_length", max_length=8):
+            padded = gpt2.output.logits.save()
+    alone = encode(gpt2_ref, lm_tokenizer, "hello")
+    n = alone["input_ids"].shape[1]
+    assert padded.value.shape[1] == 8 > n
+    # left padding (raysight's, for generation) whose real positions equal the prompt run alone
+    assert gpt2.tokenizer.padding_side == "left"
+    assert torch.allclose(padded.value[0, -n:], oracle_forward(gpt2_ref, alone).logits[0], atol=ATOL)
+
+
 def test_invoker_args_of_trace_go_to_the_tokenizer(gpt2, gpt2_ref, lm_tokenizer):
     got = _logits(gpt2, TEXT, invoker_args={"max_length": 4, "truncation": True})
     expected = oracle_forward(gpt2_ref, encode(gpt2_ref, lm_tokenizer, TEXT, max_length=4, truncation=True)).logits
