@@ -5,14 +5,17 @@
   proxy before any dispatch happens.
 * Training objects (``torch.nn.Parameter``, ``torch.nn.Linear``, ``torch.optim`` optimizers, ``DataLoader``):
   constructed while a trace or session records, they become nodes, so they are created (and trained) where the
-  graph runs; they are kept after the run (saved) so later traces can use them. ``Parameter`` gets a recording ``__new__``;
-  the others are replaced in their modules by subclasses that record (``isinstance`` and subclassing keep
-  working in both cases). Torch's own code constructing a Parameter (a ``torch.nn.LayerNorm`` built while
-  recording) gets a real one.
+  graph runs; they are kept after the run (saved) so later traces can use them. Their classes keep their
+  identity (``isinstance``, ``type(x) is``, subclassing, pickling): the first recorder gives ``Parameter``,
+  ``Optimizer``, ``Linear`` and ``DataLoader`` a ``__new__`` that records when user code constructs exactly one
+  of them (or one of torch.optim's optimizers) while a recorder of the calling context records, and otherwise
+  constructs as before; it stays (it was a dict update per class per trace, a tenth of an empty trace's cost).
+  Torch's own code constructing them (a ``torch.nn.LayerNorm`` built while recording) gets real ones. A name
+  imported before (``from torch.optim import AdamW``) records too.
 
-All of it is swapped in while any trace or session records (four dict updates and one ``__new__``) and swapped
-back after; the stand-ins do the original thing whenever no recorder is active in the calling context (another
-thread, say). Nothing is patched at import.
+The creation functions are swapped into ``torch`` while any trace or session records (one dict update) and
+swapped back after; the stand-ins do the original thing whenever no recorder is active in the calling context
+(another thread, say). Nothing is patched at import.
 """
 
 from __future__ import annotations
@@ -53,87 +56,69 @@ def _record_construction(cls: type, args: tuple, kwargs: dict) -> Any:
     return proxy
 
 
-def _parameter_new() -> Any:
-    """``torch.nn.Parameter`` keeps its class (torch and libraries subclass it with metaclasses of their own, e.g.
-    FSDP's ``FlatParameter``); its own ``__new__`` is swapped for one that records."""
-    original = torch.nn.Parameter.__dict__["__new__"].__func__
-
-    def __new__(kind: type, *args: Any, **kwargs: Any) -> Any:
-        if kind is torch.nn.Parameter and not _from_torch(sys._getframe(1)):
-            proxy = _record_construction(kind, args, kwargs)
-            if proxy is not None:
-                return proxy  # not a Parameter, so Python skips __init__
-        return original(kind, *args, **kwargs)
-
-    return staticmethod(__new__)
-
-
 def _from_torch(frame: Any) -> bool:
     """Whether the caller is torch's own code: a module built while recording (``torch.nn.LayerNorm(10)`` applied
     ad hoc) makes real parameters; only the user's ``torch.nn.Parameter(...)`` records."""
     return frame is not None and str(frame.f_globals.get("__name__", "")).startswith("torch.")
 
 
-def _stand_in(original: type) -> type:
-    """A subclass of ``original`` that stands in for it in its module while a session records: calling it records
-    a node; ``isinstance``/``issubclass`` answer for ``original``; classes that subclass it meanwhile (a library
-    imported mid-session) construct as usual. (Setting ``__new__`` on these classes could not be undone.)"""
+def _recording_new(base: type, kinds: frozenset, needs_args: bool) -> Callable:
+    """The ``__new__`` given to ``base`` for good: while a recorder of this context records, constructing exactly
+    one of ``kinds`` from user code returns a proxy (not an instance, so Python skips ``__init__``); anything else
+    (subclasses, no recorder, another thread, torch's own code, ``copy``/``pickle`` calling ``cls.__new__(cls)``
+    without arguments when ``needs_args``) constructs as it always did."""
+    own = base.__dict__.get("__new__")
+    original = own.__func__ if isinstance(own, staticmethod) else own  # None: object.__new__ (takes no arguments)
 
-    class Recording(type(original)):  # type: ignore[misc]
-        def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-            if cls is stand_in:
-                proxy = _record_construction(original, args, kwargs)
-                return proxy if proxy is not None else original(*args, **kwargs)
-            return super().__call__(*args, **kwargs)
+    def __new__(kind: type, *args: Any, **kwargs: Any) -> Any:
+        if _active and kind in kinds and (args or kwargs or not needs_args) and not _from_torch(sys._getframe(1)):
+            proxy = _record_construction(kind, args, kwargs)
+            if proxy is not None:
+                return proxy
+        if original is None:
+            return object.__new__(kind)
+        return original(kind, *args, **kwargs)
 
-        def __instancecheck__(cls, obj: Any) -> bool:
-            return isinstance(obj, original) if cls is stand_in else super().__instancecheck__(obj)
-
-        def __subclasscheck__(cls, sub: Any) -> bool:
-            return issubclass(sub, original) if cls is stand_in else super().__subclasscheck__(sub)
-
-    stand_in = Recording(original.__name__, (original,), {"__module__": original.__module__,
-                         "__qualname__": original.__qualname__, "__doc__": original.__doc__})  # fmt: skip
-    return stand_in
+    __new__.__qualname__ = f"{base.__qualname__}.__new__"
+    return staticmethod(__new__)
 
 
-_parameter_news: list[Any] = []  # [recording __new__, original __new__]
-_swap_in: list[tuple[Callable, dict]] = []  # (namespace.update, wrappers): what enable() calls
-_swap_out: list[tuple[Callable, dict]] = []  # (namespace.update, originals): what disable() calls
+_sized_tables: list[tuple[Callable, dict]] = []  # [(torch.__dict__.update, stand-ins), (its update, originals)]
 _lock = threading.Lock()
 _active = 0  # recorders open (traces and sessions)
 
 
-def _build_tables() -> None:
-    """What enable() and disable() swap: per namespace, its ``update`` with the stand-ins and with the originals."""
-    tables = []  # (namespace, stand-ins, originals)
+def _install() -> None:
+    """Once, on the first recorder: the recording ``__new__`` of the training classes, and the tables of the
+    creation functions that enable() and disable() swap."""
+    optimizers = frozenset(
+        value
+        for value in vars(torch.optim).values()
+        if inspect.isclass(value) and issubclass(value, torch.optim.Optimizer) and value is not torch.optim.Optimizer
+    )
+    for base, kinds, needs_args in (
+        (torch.nn.Parameter, frozenset({torch.nn.Parameter}), False),  # (Parameter() is an empty parameter)
+        (torch.optim.Optimizer, optimizers, True),
+        (torch.nn.Linear, frozenset({torch.nn.Linear}), True),
+        (torch.utils.data.DataLoader, frozenset({torch.utils.data.DataLoader}), True),
+    ):
+        base.__new__ = _recording_new(base, kinds, needs_args)
     namespace = torch.__dict__
     originals = {name: namespace[name] for name in _SIZED}
-    tables.append((namespace, {name: _sized(fn) for name, fn in originals.items()}, originals))
-    optimizers = [
-        name
-        for name, value in vars(torch.optim).items()
-        if inspect.isclass(value) and issubclass(value, torch.optim.Optimizer) and value is not torch.optim.Optimizer
-    ]
-    for module, names in ((torch.nn, ("Linear",)), (torch.optim, optimizers), (torch.utils.data, ("DataLoader",))):
-        originals = {name: module.__dict__[name] for name in names}
-        tables.append((module.__dict__, {n: _stand_in(c) for n, c in originals.items()}, originals))
-    _parameter_news.extend([_parameter_new(), torch.nn.Parameter.__dict__["__new__"]])
-    _swap_out.extend((namespace.update, originals) for namespace, _, originals in tables)
-    _swap_in.extend((namespace.update, wrappers) for namespace, wrappers, _ in tables)  # last: enable() checks it
+    _sized_tables.extend([(namespace.update, {n: _sized(fn) for n, fn in originals.items()}),
+                          (namespace.update, originals)])  # fmt: skip
 
 
 def enable() -> None:
-    """A trace or session starts recording: swap the stand-ins in (nested recorders share one swap)."""
+    """A trace or session starts recording: swap the creation functions in (nested recorders share one swap)."""
     global _active
     with _lock:
+        if not _sized_tables:
+            _install()
         _active += 1
         if _active == 1:
-            if not _swap_in:
-                _build_tables()
-            for update, table in _swap_in:
-                update(table)
-            torch.nn.Parameter.__new__ = _parameter_news[0]
+            update, table = _sized_tables[0]
+            update(table)
 
 
 def disable() -> None:
@@ -141,6 +126,5 @@ def disable() -> None:
     with _lock:
         _active -= 1
         if _active == 0:
-            for update, table in _swap_out:
-                update(table)
-            torch.nn.Parameter.__new__ = _parameter_news[1]
+            update, table = _sized_tables[1]
+            update(table)

@@ -181,6 +181,48 @@ def test_constructors_are_restored_after_sessions(wrapped):
     assert isinstance(torch.nn.Linear(2, 2), nn.Module)  # a real module again, outside any session
 
 
+def test_training_classes_keep_their_identity_while_recording(wrapped):
+    with wrapped.session():
+        seen = (torch.nn.Parameter, torch.nn.Linear, torch.optim.SGD, torch.optim.AdamW, torch.utils.data.DataLoader)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+
+    assert seen == (_TorchParameter, _TorchLinear, _TorchSGD, _TorchAdamW, _TorchDataLoader)
+    assert type(opt.value) is torch.optim.SGD  # the object made where the graph ran is torch's own class
+
+
+def test_names_imported_before_the_session_record_too(wrapped):
+    """``from torch.optim import AdamW`` at the top of a script, then ``AdamW(...)`` in a session: a node, so it
+    is made (and stepped) where the graph runs, not over proxies while recording."""
+    with wrapped.session():
+        obj = _TorchAdamW([_TorchParameter(torch.ones(2))], lr=0.5)
+        recorded = isinstance(obj, raysight.Proxy)
+        layer = _TorchLinear(2, 3)
+        layer_recorded = isinstance(layer, raysight.Proxy)
+
+    assert recorded and layer_recorded
+    assert _describe(obj.value) == _describe(torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=0.5))
+    assert _describe(layer.value)[:4] == ("Linear", 2, 3, (3, 2))
+
+
+def test_copies_and_subclasses_made_while_recording_are_real_objects(wrapped):
+    """``copy.deepcopy`` (``cls.__new__(cls)`` with no arguments), subclasses and torch's own constructions are
+    not the user's construction of a training class: they make real objects."""
+    import copy
+
+    class MySGD(torch.optim.SGD):
+        pass
+
+    real, weight = nn.Linear(2, 2), torch.nn.Parameter(torch.zeros(1))
+    with wrapped.session():
+        clone = copy.deepcopy(real)
+        mine = MySGD([weight], lr=0.1)
+        norm = torch.nn.LayerNorm(4)  # torch's code makes its Parameters
+
+    assert type(clone) is nn.Linear and torch.equal(clone.weight, real.weight) and clone.weight is not real.weight
+    assert type(mine) is MySGD and mine.param_groups[0]["lr"] == 0.1
+    assert type(norm.weight) is nn.Parameter and torch.equal(norm.weight, torch.ones(4))
+
+
 def test_linear_in_session_is_callable_in_a_later_trace(wrapped, net, data):
     x, _ = data
     state = nn.Linear(10, 3).state_dict()
