@@ -12,19 +12,29 @@ from typing import Any
 
 import torch
 
-from raysight.graph.node import CALL_FUNCTION, CALL_METHOD, Node
+from raysight.graph.node import CALL_FUNCTION, CALL_METHOD, READ, Node
 from raysight.errors import InterventionError
-from raysight.runtime.state import Stream, annotate, same_view
+from raysight.runtime.state import UNSET, Stream, annotate, same_view
 
 
 class Gradients:
     """Gradient methods of the Interleaver (it supplies env, streams, _set, _load, _run_body)."""
 
     def set_grad(self, node: Node, stream: Stream, event: Any) -> None:
+        """``x.grad = g``. Inside ``x``'s gradient hook (``g`` computed from ``x.grad``) it replaces the flowing
+        gradient. Otherwise, for a tensor on the autograd graph with a backward pass recorded later, it arms a hook
+        that replaces ``x``'s gradient with ``g`` during that pass (later ``.grad`` reads see ``g``); a leaf (a
+        parameter, an input) just gets its ``.grad`` attribute set, as in plain PyTorch."""
         tensor, grad = self._load(node.args)
         key = _grad_key(tensor)
-        if key in self.grad_overrides:  # inside that tensor's gradient hook: replaces the flowing gradient
-            self.grad_overrides[key] = grad
+        overrides = self.grad_overrides
+        if key in overrides:  # inside that tensor's gradient hook: replaces the flowing gradient
+            _check_grad(grad, overrides[key], node)
+            overrides[key] = grad
+        elif isinstance(tensor, torch.Tensor) and tensor.requires_grad and not tensor.is_leaf and (
+            self._backward_after(node)
+        ):
+            self._watch_grad(tensor, lambda mine: _check_grad(grad, mine, node), node, node.args[0])
         else:
             tensor.grad = grad
         return None
@@ -48,30 +58,43 @@ class Gradients:
                 owned.add(other.index)
                 closure.append(other)
         stream.moved |= owned
-        if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+        if not isinstance(tensor, torch.Tensor):
             raise annotate(
                 InterventionError(
-                    f"`.grad` of {source.name} cannot be observed: the value does not require grad. Set "
+                    f"`.grad` of {_what(source)} cannot be observed: it is a {type(tensor).__name__}, not a tensor. "
+                    "Take the tensor first (e.g. `.output[0].grad` for a module that returns a tuple)."
+                ),
+                node,
+            )
+        if not tensor.requires_grad:
+            raise annotate(
+                InterventionError(
+                    f"`.grad` of {_what(source)} cannot be observed: the value does not require grad. Set "
                     "`.requires_grad = True` on it (or on an earlier value) inside the trace first."
                 ),
                 node,
             )
-        # A view (an invoke's rows, `output[0]`) is often not itself on the loss's path: its base is. So watch the
-        # view and its base; whichever the backward pass reaches first gives the gradient (from the base: the view's
-        # elements of it, as a view, so in-place edits edit the base's gradient).
-        base = tensor._base if tensor._base is not None and tensor._base.requires_grad else None
-        grad_stream = Stream(f"{stream.label} (gradient of {source.name})", None)
+        grad_stream = Stream(f"{stream.label} (gradient of {_what(source)})", None)
         armed = (node, grad_stream)
         if type(self.armed) is tuple:  # the first gradient of this run: its own lists (the class has empty ones)
             self.armed, self.grad_overrides = [], {}
         self.armed.append(armed)
         key = _grad_key(tensor)
-        handles: list = []
+        # In a region of .all() / .iter[...] (one step per call), what the closure reads from outside it is this
+        # call's: taken now, or at the step's end for what the step computes later; by the time the backward pass
+        # reaches this call, later steps have rebound those values.
+        env = self.env
+        captured: list = []
+        if stream.captures is not None:
+            captured = [[d.index, env[d.index]] for d in {d for n in closure for d in n.deps if d.index not in owned}]
+            stream.captures.extend(captured)
 
         def run(mine: torch.Tensor) -> torch.Tensor:
-            for handle in handles:
-                handle.remove()
             self.armed.remove(armed)
+            now = [(i, env[i]) for i, _ in captured]
+            for i, value in captured:
+                if value is not UNSET:
+                    env[i] = value
             self._set(node, mine)
             self.grad_overrides[key] = mine
             grad_stream.gen = self._run_body(closure[1:], grad_stream)
@@ -80,28 +103,46 @@ class Gradients:
                 next(grad_stream.gen)
             except StopIteration:
                 grad_stream.done = True
+            finally:
+                if grad_stream.done:
+                    for i, value in now:
+                        env[i] = value
             return self.grad_overrides.pop(key)
 
-        def on_view_grad(grad: torch.Tensor) -> torch.Tensor:
-            return run(grad)
+        self._watch_grad(tensor, run, node, source)
 
-        def on_base_grad(grad: torch.Tensor) -> torch.Tensor:
+    def _watch_grad(self, tensor: torch.Tensor, fn: Any, node: Node, source: Any) -> None:
+        """Hook ``tensor``, and its base when it is a view (an invoke's rows, ``output[0]``: often not itself on the
+        loss's path, its base is): the first of them the backward pass reaches calls ``fn(gradient of tensor)``,
+        which returns the gradient to go on with (from the base: the view's elements of its gradient, as a view,
+        so in-place edits edit the base's gradient)."""
+        base = tensor._base if tensor._base is not None and tensor._base.requires_grad else None
+        handles: list = []
+
+        def gradient_of_view(grad: torch.Tensor) -> torch.Tensor:
+            for handle in handles:
+                handle.remove()
+            return fn(grad)
+
+        def gradient_of_base(grad: torch.Tensor) -> torch.Tensor:
+            for handle in handles:
+                handle.remove()
             grad = grad if grad.stride() == base.stride() else grad.contiguous()
             if grad.stride() != base.stride():
-                raise annotate(InterventionError(f"the gradient of {source.name} cannot be taken from its base "
+                raise annotate(InterventionError(f"the gradient of {_what(source)} cannot be taken from its base "
                                                  "tensor's gradient (different memory layout)"), node)  # fmt: skip
             offset = tensor.storage_offset() - base.storage_offset()
             mine = grad.as_strided(tensor.shape, tensor.stride(), grad.storage_offset() + offset)
-            new = run(mine)
+            new = fn(mine)
             if same_view(new, mine):
                 return grad
             full = grad.clone()
             full.as_strided(tensor.shape, tensor.stride(), full.storage_offset() + offset).copy_(new)
             return full
 
-        handles.append(tensor.register_hook(on_view_grad))
+        handles.append(tensor.register_hook(gradient_of_view))
         if base is not None:
-            handles.append(base.register_hook(on_base_grad))
+            handles.append(base.register_hook(gradient_of_base))
 
     def _backward_after(self, node: Node) -> bool:
         """Is a backward pass recorded after ``node`` (edits come before the trace's own nodes)?"""
@@ -125,6 +166,28 @@ class _Constant:
         self.value = value
         self.name = f"a {type(value).__name__} saved by an earlier run"
         self.source = "an earlier trace"
+
+
+def _what(source: Any) -> str:
+    """A value in an error message: the module location of a read (``model.layer1.output``), else its node."""
+    if type(source) is Node and source.op is READ:
+        loc = source.target
+        where = f"model.{loc.path}.{loc.key}" if loc.path else f"model.{loc.key}"
+        return where if loc.call == 0 else f"{where} (call {loc.call})"
+    return source.name
+
+
+def _check_grad(new: Any, current: torch.Tensor, node: Node) -> Any:
+    """A gradient written with ``x.grad = new`` must have the shape of the gradient it replaces."""
+    if isinstance(new, torch.Tensor) and isinstance(current, torch.Tensor) and new.shape != current.shape:
+        raise annotate(
+            InterventionError(
+                f"`.grad` of {_what(node.args[0])} was set to a tensor of shape {tuple(new.shape)}, but its gradient "
+                f"has shape {tuple(current.shape)}"
+            ),
+            node,
+        )
+    return new
 
 
 def _grad_key(tensor: Any) -> Any:

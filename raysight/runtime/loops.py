@@ -90,6 +90,7 @@ class Loops:
                 self.remaining[dep.index] = pinned
         region = Stream(f"{stream.label} ({calls})", stream.rows, open_ended=calls.items is None
                         and calls.stop is None)  # fmt: skip
+        region.captures = []
         region.gen = self._run_region(closure, calls, region)
         self.streams.append(region)
 
@@ -102,8 +103,19 @@ class Loops:
             try:
                 yield from self._run_body(closure, stream, step)
             except RegionEnd:
+                _seal(stream.captures, env)
                 for node in closure:
                     if env[node.index] is UNSET:
                         env[node.index] = SKIPPED
                 return
+            _seal(stream.captures, env)
 
+
+
+def _seal(captures: list, env: list) -> None:
+    """A region's step is over: gradient streams armed in it take the step's values they had not seen yet (the
+    next step rebinds them; the backward pass reaches this call later)."""
+    for pair in captures:
+        if pair[1] is UNSET:
+            pair[1] = env[pair[0]]
+    captures.clear()

@@ -70,6 +70,7 @@ class Stream:
     moved: frozenset = frozenset()  # nodes of its body handed to a gradient or multi-call stream (`|=` rebinds)
     last_event: Optional[Event] = None  # the last event a read or write of this stream used
     stop_at: Optional[Event] = None  # the event at which a later `envoy.output.stop()` ends the pass (Node.stops)
+    captures: Optional[list] = None  # a region's: [node index, value] pairs gradient streams take at each step's end
 
     def __init__(self, label: str, rows: Optional[Rows], open_ended: bool = False, body: Optional[list] = None):
         self.label = label

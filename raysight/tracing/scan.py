@@ -23,7 +23,19 @@ NO_META: Any = object()
 
 
 def new_fake_mode() -> FakeTensorMode:
+    """Fake tensors for scans, with the real inputs' (static) shapes. A data-dependent op (``h[h > 0]``,
+    ``torch.nonzero``, ``.item()``) has no fake value: its node, and what depends on it, is left unknown
+    (see :func:`data_dependent`)."""
     return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def data_dependent(exc: BaseException) -> bool:
+    """Whether a fake computation failed only because a value depends on real data (a size or a branch that the
+    fake tensors cannot know): validation cannot check it, which is no mistake of the user's."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    return isinstance(exc, (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode))
 
 
 def to_fake(mode: FakeTensorMode, value: Any, device: Optional[torch.device] = None) -> Any:
@@ -167,7 +179,10 @@ def compute_meta(mode: FakeTensorMode, node: Node, meta_of: Callable[[Node], Any
                 return NO_META  # a user function with no traced input: it runs once, for real, in the graph
             return node.target(*args, **kwargs)
         if op is Op.CALL_METHOD:
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
+            value = getattr(args[0], node.target)(*args[1:], **kwargs)
+            if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                return NO_META  # `.item()`, `.tolist()` of a fake tensor: a number only the real run knows
+            return value
         if op is Op.GET_ATTR:
             return getattr(args[0], node.target)
         if op is Op.PARAM:

@@ -180,7 +180,7 @@ class Tracer:
             else:
                 value = scan_mod.compute_meta(self._mode, node, lookup, self.model._module_at)
         except Exception as exc:
-            if self._validate:
+            if self._validate and not scan_mod.data_dependent(exc):
                 from raysight.runtime.interpreter import annotate
 
                 raise annotate(exc, node) from None

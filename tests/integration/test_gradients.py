@@ -413,3 +413,81 @@ def test_grad_of_an_indexed_view_is_that_part_of_the_outputs_gradient(model, mlp
         g[1] = 0
         assert torch.allclose(mlp.layer1.weight.grad, g.T @ xb, atol=1e-6)
     mlp.zero_grad(set_to_none=True)
+
+
+# -- replacing a gradient with any value, and gradient edits once per call ---------------------------------------
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
+@pytest.mark.parametrize("make", [lambda h: torch.zeros(2, 10), lambda h: torch.zeros_like(h), lambda h: h * 0 + 1])
+def test_grad_set_to_a_value_not_computed_from_the_grad_replaces_it(model, mlp, make):
+    """`h.grad = torch.zeros(...)`: the value replaces the gradient flowing back (not just the attribute), and a
+    later `.grad` read sees it."""
+    x = torch.randn(2, 5, generator=torch.Generator().manual_seed(3))
+    replacement = make(torch.ones(2, 10))
+    oracle = hand_grad_run(mlp, mlp.layer1, x, edit=lambda g: replacement.clone())
+    with model.trace(x):
+        h = model.layer1.output
+        h.grad = make(h)
+        seen = model.layer1.output.grad.save()
+        model.output.sum().backward()
+    assert_same_grads(param_grads(mlp), oracle["params"])
+    assert torch.equal(seen.value, replacement)
+
+
+def _doubling_oracle(loop: Any, x: torch.Tensor, calls: set) -> dict[str, torch.Tensor]:
+    """Parameter gradients of sum(loop(x)) with the gradient at the chosen calls' outputs doubled by tensor hooks."""
+    count = [0]
+
+    def hook(module: Any, args: Any, out: torch.Tensor) -> None:
+        if count[0] in calls:
+            out.register_hook(lambda g: g * 2)
+        count[0] += 1
+
+    loop.zero_grad(set_to_none=True)
+    handle = loop.cell.register_forward_hook(hook)
+    try:
+        loop(x).sum().backward()
+    finally:
+        handle.remove()
+    grads = param_grads(loop)
+    loop.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.local_only  # inspects state of the client's own torch module or objects
+@pytest.mark.parametrize("selection", ["all", [0, 1, 2], [0, 2], [1, 2]])
+def test_grad_edited_once_per_call_edits_each_calls_gradient(loop_model, loop, x4, selection):
+    """Under `.all()` / `.iter[[...]]` each call's gradient is doubled, as a hook on each call's output does: the
+    edit of call k uses call k's output and gradient, though the backward pass reaches it after later calls."""
+    calls = {0, 1, 2} if selection == "all" else set(selection)
+    oracle = _doubling_oracle(loop, x4, calls)
+    plain = _doubling_oracle(loop, x4, set())
+    assert not torch.allclose(oracle["cell.lin.weight"], plain["cell.lin.weight"])  # the edit matters
+    loop.zero_grad(set_to_none=True)
+    with loop_model.trace(x4):
+        scope = loop_model.cell.all() if selection == "all" else loop_model.cell.iter[selection]
+        with scope:
+            loop_model.cell.output.grad = loop_model.cell.output.grad * 2
+        loop_model.output.sum().backward()
+    assert_same_grads(param_grads(loop), oracle)
+    loop.zero_grad(set_to_none=True)
+
+
+def test_grad_set_to_a_wrong_shape_names_the_line(model, mlp, x):
+    with pytest.raises(raysight.InterventionError, match=r"`.grad` of model.layer1.output was set to a tensor of "
+                       r"shape \(1, 10\), but its gradient has shape \(2, 10\)") as info:  # fmt: skip
+        with model.trace(x):
+            h = model.layer1.output
+            h.grad = h.grad[:1]  # the wrong-shape gradient
+            model.output.sum().backward()
+    assert f"{THIS_FILE}:{line_of('the wrong-shape gradient')}" in notes_text(info.value)
+    assert_no_hooks(mlp)
+
+
+def test_grad_of_a_tuple_output_says_it_is_not_a_tensor(model, x):
+    lstm = raysight.NNsight(nn.Sequential(nn.LSTM(5, 3, batch_first=True)))
+    with pytest.raises(raysight.InterventionError, match=r"`.grad` of model.0.output cannot be observed: it is a "
+                       r"tuple, not a tensor") as info:  # fmt: skip
+        with lstm.trace(x[:, None, :]):
+            g = lstm[0].output.grad.save()  # the grad of a tuple
+            lstm.output[0].sum().backward()
+    assert f"{THIS_FILE}:{line_of('the grad of a tuple')}" in notes_text(info.value)

@@ -278,3 +278,32 @@ def test_a_scan_in_a_fresh_process_imports_what_it_needs_while_recording(tmp_pat
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("kind", ["masked select", "nonzero", "item as an index"])
+def test_validate_accepts_data_dependent_operations(model, mlp, x, kind):
+    """A value whose shape (or use) depends on real data cannot be checked on fake tensors: validation leaves it
+    unknown instead of rejecting correct code, and the real run gives plain torch's value."""
+    ops = {
+        "masked select": lambda h: h[h > 0].sum(),
+        "nonzero": lambda h: torch.nonzero(h > 0).float().sum(),
+        "item as an index": lambda h: h.flatten()[h.argmax().item()],
+    }
+    with model.trace(x, validate=True):
+        got = ops[kind](model.layer1.output).save()
+    with torch.no_grad():
+        want = ops[kind](mlp.layer1(x))
+    assert torch.allclose(got.value, want)
+
+
+def test_edit_with_a_data_dependent_operation_is_recorded_and_applies(model, mlp, x):
+    """model.edit() validates its edit on fake tensors: a masked mean is data-dependent, not a mistake."""
+    with model.edit(x) as edited:
+        h = edited.layer1.output
+        edited.layer2.output[:] = h[h > 0].mean()
+    with edited.trace(x):
+        out = edited.output.save()
+    with torch.no_grad():
+        h = mlp.layer1(x)
+        want = torch.full_like(mlp(x), h[h > 0].mean().item())
+    assert torch.allclose(out.value, want)
