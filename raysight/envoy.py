@@ -103,16 +103,23 @@ class Envoy:
             self.__dict__["_subtree"] = paths
         return paths
 
-    def modules(self) -> list["Envoy"]:
-        """This envoy and every envoy below it, depth first (a list, as in nnsight 0.4)."""
-        found = [self]
-        for child in self._children.values():
-            found.extend(child.modules())
-        return found
+    def modules(self, include_fn: Optional[Any] = None, names: bool = False) -> list[Any]:
+        """This envoy and every envoy below it, depth first (a list, as in nnsight 0.4); with ``include_fn`` only
+        those it accepts (``model.modules(include_fn=lambda e: e.path.endswith("attn"))``), with ``names=True`` as
+        ``(path, envoy)`` pairs."""
+        found: list[Envoy] = []
+        stack = [self]
+        while stack:
+            envoy = stack.pop()
+            found.append(envoy)
+            stack.extend(reversed(list(envoy._children.values())))
+        if include_fn is not None:
+            found = [envoy for envoy in found if include_fn(envoy)]
+        return [(envoy._path, envoy) for envoy in found] if names else found
 
-    def named_modules(self) -> list[tuple[str, "Envoy"]]:
+    def named_modules(self, include_fn: Optional[Any] = None) -> list[tuple[str, "Envoy"]]:
         """``(path, envoy)`` for this envoy and every envoy below it (a list, as in nnsight 0.4)."""
-        return [(envoy._path, envoy) for envoy in self.modules()]
+        return self.modules(include_fn, names=True)
 
     def _clear(self) -> None:
         """nnsight 0.4 cleared the proxies its envoys cached between traces; raysight's envoys keep none, so there

@@ -152,24 +152,29 @@ class LanguageModel(NNsight):
     # -- tracing entry points -------------------------------------------------------------------------------
     def trace(self, *inputs: Any, **kwargs: Any) -> Any:
         """As :meth:`NNsight.trace`; ``model.trace(input_ids=..., attention_mask=...)`` also works as the input."""
-        if not inputs and "input_ids" in kwargs:
-            invoker = dict(kwargs.pop("invoker_args", None) or kwargs.pop("invoker_kwargs", None) or {})
-            invoker.update({k: kwargs.pop(k) for k in _MODEL_INPUTS if k in kwargs})
-            kwargs["invoker_args"] = invoker
+        inputs, kwargs = _keyword_input(inputs, kwargs)
         return super().trace(*inputs, **kwargs)
 
-    def generate(self, *inputs: Any, max_new_tokens: int = 1, backend: Any = None, **kwargs: Any) -> Tracer:
-        """``with model.generate(x, max_new_tokens=N) as tracer:`` — interleave with HF ``generate``."""
+    def generate(self, *inputs: Any, max_new_tokens: int = 1, backend: Any = None, trace: bool = True,
+                 **kwargs: Any) -> Any:  # fmt: skip
+        """``with model.generate(x, max_new_tokens=N) as tracer:`` — interleave with HF ``generate``. With
+        ``trace=False`` it generates at once (persistent edits apply) and returns the generated ids."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int (the number of tokens to add), got "
                              f"{max_new_tokens!r}")  # fmt: skip
+        inputs, kwargs = _keyword_input(inputs, kwargs)
         invoker_kwargs = kwargs.pop("invoker_args", None) or kwargs.pop("invoker_kwargs", None)
         scan, validate = kwargs.pop("scan", False), kwargs.pop("validate", False)
         from raysight.models.nnsight import _backend_for
 
         backend = _backend_for(kwargs.pop("remote", False), backend)
-        return Tracer(self, inputs, invoker_kwargs=invoker_kwargs, forward_kwargs={"max_new_tokens": max_new_tokens,
-                      **kwargs}, backend=backend, method="generate", scan=scan, validate=validate)  # fmt: skip
+        tracer = Tracer(self, inputs, invoker_kwargs=invoker_kwargs, forward_kwargs={"max_new_tokens": max_new_tokens,
+                        **kwargs}, backend=backend, method="generate", scan=scan, validate=validate)  # fmt: skip
+        if trace:
+            return tracer
+        with tracer:
+            output = self.generator.output.save()
+        return output.value
 
     # -- extension points -----------------------------------------------------------------------------------
     def _prepare_input(self, *inputs: Any, **kwargs: Any) -> tuple[tuple, dict, int]:
@@ -291,6 +296,19 @@ def _pad(t: torch.Tensor, length: int, fill: int, left: bool) -> torch.Tensor:
 
 _ACCEPTED = ("give a string, a list of strings, token ids (a list of ints, a list of lists of ints, a 1-D/2-D "
              "integer tensor) or a dict/BatchEncoding with 'input_ids'")
+
+
+def _keyword_input(inputs: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``model.trace(input_ids=..., attention_mask=...)``: the ids are the input, the other model inputs go to its
+    preparation (as ``tracer.invoke(input_ids=...)`` does)."""
+    if inputs or "input_ids" not in kwargs:
+        return inputs, kwargs
+    kwargs = dict(kwargs)
+    invoker = dict(kwargs.pop("invoker_args", None) or kwargs.pop("invoker_kwargs", None) or {})
+    invoker.update({k: kwargs.pop(k) for k in _MODEL_INPUTS if k in kwargs and k != "input_ids"})
+    if invoker:
+        kwargs["invoker_args"] = invoker
+    return (kwargs.pop("input_ids"),), kwargs
 
 
 def _as_ids(value: Any, what: str) -> torch.Tensor:

@@ -267,3 +267,19 @@ def test_invoker_inputs_hold_the_invokes_encoding(gpt2, lm_tokenizer):
             tokens = invoker.inputs[0]["input_ids"][0]
             gpt2.output.save()
     assert torch.equal(tokens, lm_tokenizer("the eiffel tower", return_tensors="pt")["input_ids"][0])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_with_trace_false_returns_the_generated_ids(arch, lms, oracles, lm_tokenizer):
+    model, ref = lms[arch], oracles[arch]
+    ids = model.generate(TEXT, max_new_tokens=N, min_new_tokens=N, trace=False)
+    assert isinstance(ids, torch.Tensor)
+    assert torch.equal(ids, _generate_alone(ref, lm_tokenizer, TEXT))
+
+
+def test_generate_takes_input_ids_and_attention_mask_as_keywords(gpt2, gpt2_ref, lm_tokenizer):
+    enc = encode(gpt2_ref, lm_tokenizer, TEXT)  # input_ids, attention_mask (and token_type_ids, which GPT-2 takes)
+    assert {"input_ids", "attention_mask"} <= set(enc)
+    with gpt2.generate(**enc, max_new_tokens=N, min_new_tokens=N):
+        ids = gpt2.generator.output.save()
+    assert torch.equal(ids.value, _generate_alone(gpt2_ref, lm_tokenizer, TEXT))

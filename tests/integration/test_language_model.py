@@ -245,6 +245,22 @@ def test_input_ids_keyword_in_an_invoke(gpt2, gpt2_ref):
     assert torch.allclose(logits.value, expected, atol=ATOL)
 
 
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_input_ids_and_attention_mask_as_trace_keywords(gpt2, gpt2_ref, lm_tokenizer, with_mask):
+    """`model.trace(input_ids=..., attention_mask=...)`: the keywords are the input (no invoke needed)."""
+    inputs = encode(gpt2_ref, lm_tokenizer, [TEXT, TEXT])
+    inputs["attention_mask"][1, :2] = 0  # row 1 as if left-padded by two: the mask must reach the model
+    given = inputs if with_mask else {"input_ids": inputs["input_ids"][:1, :4]}
+    with gpt2.trace(**given):
+        logits = gpt2.output.logits.save()
+    mask = given.get("attention_mask", torch.ones_like(given["input_ids"]))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padded rows count positions from their first token
+    expected = oracle_forward(gpt2_ref, {**given, "position_ids": positions}).logits
+    assert torch.allclose(logits.value, expected, atol=ATOL)
+    if with_mask:
+        assert not torch.allclose(expected[0], expected[1], atol=ATOL)
+
+
 def test_labels_give_the_oracle_loss(gpt2, gpt2_ref, lm_tokenizer):
     inputs = encode(gpt2_ref, lm_tokenizer, TEXT)
     with gpt2.trace() as tracer:

@@ -1352,3 +1352,16 @@ def test_envoy_modules_are_lists(tiny):
     assert [m._module for m in modules] == list(tiny._module.modules())
     assert [p for p, _ in named] == ["", "layer1", "layer2"]
     tiny._clear()  # 0.4's test fixtures call it before each test
+
+
+def test_envoy_modules_take_include_fn_and_names(gpt2):
+    """nnsight 0.4's `modules(include_fn=..., names=...)`: the envoys a predicate accepts, with their paths."""
+    hf = gpt2._module
+    want = [name for name, module in hf.named_modules() if name.endswith("attn")]
+    picked = gpt2.modules(include_fn=lambda e: e.path.endswith("attn"))
+    assert [e.path for e in picked] == want and want
+    assert all(e._module is hf.get_submodule(e.path) for e in picked)
+    assert [p for p, _ in gpt2.modules(include_fn=lambda e: e.path.endswith("attn"), names=True)] == want
+    assert [p for p, _ in gpt2.named_modules(include_fn=lambda e: e.path.endswith("mlp"))] == [
+        name for name, _ in hf.named_modules() if name.endswith("mlp")
+    ]
