@@ -35,6 +35,8 @@ class Loops:
                 ),
                 node,
             )
+        if type(collection) is list:  # the items it has now (as nnsight 0.4): a body that appends to it ends
+            collection = list(collection)
         inner = [n for n in walk(node.body)]
         inside = {n.index for n in inner}
         env, remaining = self.env, self.remaining

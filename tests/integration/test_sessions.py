@@ -745,3 +745,17 @@ def test_session_works_after_a_failed_one(model, mlp, x):
 
     with torch.no_grad():
         assert torch.allclose(out, mlp(x))
+
+
+def test_iter_over_a_list_the_body_appends_to_runs_over_its_items_at_the_start():
+    """nnsight 0.4 looped over a copy: appending to the collection in the body does not make the loop endless."""
+    model = raysight.NNsight(nn.Linear(2, 2))
+    with model.session() as session:
+        items = raysight.list([1, 2])
+        with session.iter(items) as item:
+            items.append(item * 10)
+        out = items.save()
+    plain = [1, 2]
+    for item in list(plain):
+        plain.append(item * 10)
+    assert out.value == plain == [1, 2, 10, 20]
