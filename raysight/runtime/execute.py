@@ -16,7 +16,7 @@ from raysight.graph.node import INVOKE, READ, WRITE, Node
 from raysight.graph.passes import EDIT_INVOKE, copy_edits
 from raysight.runtime.batching import Rows
 from raysight.runtime.hooks import HookSet
-from raysight.runtime.interpreter import UNSET, EarlyStop, Interleaver, StopLoop
+from raysight.runtime.interpreter import UNSET, EarlyStop, Interleaver, StopLoop, check_gradients_ran
 
 
 def run_trace(
@@ -133,6 +133,7 @@ def run_session(graph: Graph, deadline: Optional[float] = None, log_to: Any = No
         interleaver.start()
     except StopLoop:
         return interleaver.results()  # session.stop() outside any loop: the session ends here
+    check_gradients_ran(interleaver.armed)  # (a trace's `.grad` whose backward() came later in the session)
     stream = interleaver.streams[0]
     if not stream.done and stream.waiting is not None:
         node = stream.waiting

@@ -67,6 +67,8 @@ class Interleaver(Gradients, Loops, Ops):
     armed: Any = ()
     grad_overrides: Any = MappingProxyType({})
 
+    _parent: Optional["Interleaver"] = None  # the session's interleaver, for a trace of a session
+
     def __init__(
         self,
         nodes: list[Node],
@@ -80,6 +82,7 @@ class Interleaver(Gradients, Loops, Ops):
             self.remaining = list(map(_NUM_USERS, nodes))
             self.saved_values: dict[int, Any] = {}
         else:  # a trace inside a session: one set of values for the whole session
+            self._parent = parent
             self.env, self.remaining, self.saved_values = parent.env, parent.remaining, parent.saved_values
             missing = len(nodes) - len(self.env)
             if missing > 0:  # copies of persistent edits
@@ -177,14 +180,24 @@ class Interleaver(Gradients, Loops, Ops):
         self.finished = True
         self.event = None
         self._advance()
-        for node, _ in self.armed:
-            raise annotate(
-                InterventionError(
-                    f"{node.name} reads `.grad` of {node.args[0].name} (created at {node.args[0].source}), which took "
-                    "no part in the backward pass recorded after it; read .grad only of tensors the loss depends on"
-                ),
-                node,
-            )
+        if self.armed and self._parent is not None and any(
+            self._backward_outside(node) for node, _ in self.armed
+        ):  # a trace of a session whose backward() comes later in the session: its hooks wait for that pass
+            parent = self._parent
+            if type(parent.armed) is tuple:
+                parent.armed, parent.grad_overrides = [], {}
+            parent.armed.extend(self.armed)
+            self.armed = parent.armed
+            return
+        check_gradients_ran(self.armed)
+
+    def _backward_outside(self, node: Node) -> bool:
+        """Whether a backward() after ``node`` is recorded outside this trace (later in its session)."""
+        end = max((n.index for stream in self.streams for n in _walk(stream.body)), default=node.index)
+        return any(
+            (n.op is CALL_METHOD and n.target == "backward") or (n.op is CALL_FUNCTION and n.target is torch.autograd.backward)
+            for n in self.nodes[end + 1 : self.edit_start]
+        )
 
     def results(self) -> dict[int, Any]:
         return self.saved_values
@@ -512,3 +525,22 @@ _OPS = {
     LOG: Interleaver.log,
 }  # one interpreter method per op (READ is inlined in _run_body; COND, INVOKE, STOP, GRAD, TRACE and ITER are
 # handled by the stream itself)
+
+
+def check_gradients_ran(armed: Any) -> None:
+    """After a run: a `.grad` whose backward pass never reached its tensor is an error naming it."""
+    for node, _ in armed:
+        raise annotate(
+            InterventionError(
+                f"{node.name} reads `.grad` of {node.args[0].name} (created at {node.args[0].source}), which took "
+                "no part in the backward pass recorded after it; read .grad only of tensors the loss depends on"
+            ),
+            node,
+        )
+
+
+def _walk(body: list) -> Iterator[Node]:
+    for node in body:
+        yield node
+        if node.body is not None:
+            yield from _walk(node.body)

@@ -759,3 +759,50 @@ def test_iter_over_a_list_the_body_appends_to_runs_over_its_items_at_the_start()
     for item in list(plain):
         plain.append(item * 10)
     assert out.value == plain == [1, 2, 10, 20]
+
+
+def _layer1_grad_oracle(mlp: Any, x: torch.Tensor) -> torch.Tensor:
+    """The gradient at layer1's output of sum(mlp(x)), by a hand-written tensor hook."""
+    seen = {}
+
+    def hook(module: Any, args: Any, out: torch.Tensor) -> None:
+        out.register_hook(lambda g: seen.setdefault("g", g.clone()))
+
+    handle = mlp.layer1.register_forward_hook(hook)
+    try:
+        out = mlp(x)
+        out.sum().backward()
+    finally:
+        handle.remove()
+    mlp.zero_grad(set_to_none=True)
+    return seen["g"]
+
+
+@pytest.mark.parametrize("second_trace", [False, True])
+def test_grad_read_in_a_trace_with_the_backward_later_in_the_session(model, mlp, x, second_trace):
+    """`.grad` is the gradient in the next backward() recorded after it, also when that backward is the
+    session's, after the trace (and after another trace)."""
+    want = _layer1_grad_oracle(mlp, x)
+    with model.session():
+        with model.trace(x):
+            g = model.layer1.output.grad.save()
+            loss = model.output.sum()
+        if second_trace:
+            with model.trace(x):
+                other = model.output.sum()
+            loss = loss + other * 0
+        loss.backward()
+    assert torch.allclose(g.value, want, atol=1e-6)
+    mlp.zero_grad(set_to_none=True)
+
+
+def test_grad_in_a_trace_of_a_value_the_session_loss_does_not_use_names_it(model, mlp, x):
+    with pytest.raises(raysight.InterventionError, match="took no part in the backward pass"):
+        with model.session():
+            with model.trace(x):
+                g = model.layer1.output.grad.save()
+                loss = model.output.sum()
+            with model.trace(x):
+                unrelated = model.output.sum()
+            unrelated.backward()
+    mlp.zero_grad(set_to_none=True)
