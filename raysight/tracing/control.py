@@ -20,6 +20,11 @@ def _recording(what: str) -> Any:
     return rec
 
 
+def else_taken(condition: Any, *earlier: bool) -> bool:
+    """The predicate of ``cond.else_(condition)``: no earlier branch of the chain was taken and ``condition`` holds."""
+    return not builtins.any(earlier) and builtins.bool(condition)
+
+
 def apply(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call ``fn(*args, **kwargs)`` as one node when the graph runs (plain call outside a trace)."""
     rec = current_recorder()

@@ -565,9 +565,30 @@ class _TracerIter:
 class Block:
     """A recorded block: the nodes created inside ``with`` go into ``node.body`` (cond, loops)."""
 
-    def __init__(self, recorder: Any, node: Node) -> None:
+    def __init__(self, recorder: Any, node: Node, branches: tuple = ()) -> None:
         self.recorder = recorder
         self.node = node
+        self._branches = branches + (node,)  # a cond chain's COND nodes so far (if / elif ...)
+
+    def else_(self, condition: Any = None) -> "Block":
+        """``with c.else_():`` after ``with tracer.cond(p) as c:`` runs when no earlier branch ran;
+        ``c.else_(q)`` is an elif (chainable: ``with c2.else_():`` after ``with c.else_(q) as c2:``), as nnsight 0.4."""
+        if self.node.op is not COND:
+            raise TraceError("else_() continues a `tracer.cond(...)` block; this block is not a condition")
+        rec = self.recorder
+        if not rec.recording or rec.graph.current_body is not self._body_of_chain():
+            raise TraceError("`with c.else_():` must follow the `with tracer.cond(...) as c:` block, at the same level")
+        from raysight.tracing.control import else_taken
+
+        taken = rec.record(CALL_FUNCTION, else_taken, (True if condition is None else condition, *self._branches))
+        return Block(rec, rec.record(COND, None, (taken,)).node, self._branches)
+
+    def _body_of_chain(self) -> Optional[list]:
+        stack = self.recorder.graph._stack
+        for body in reversed(stack):
+            if any(n is self.node for n in body):
+                return body
+        return None
 
     def __enter__(self) -> "Block":
         self.recorder.graph.enter(self.node)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from raysight.errors import TraceError
+
 from helpers import assert_no_hooks, run_with_hook
 
 UNSET_MESSAGE = r"Accessing value before it's been set\."
@@ -154,3 +156,56 @@ def test_log_inside_a_false_cond_prints_nothing(model, mlp, x, capsys):
     printed = capsys.readouterr().out
     print("after", mlp(x).shape)
     assert printed == capsys.readouterr().out
+
+
+# -- else_ / elif (nnsight 0.4's Condition.else_) ---------------------------------------------------------------
+@pytest.mark.parametrize("offset, branch", [(-1, "if"), (1, "elif"), (3, "else")])
+def test_cond_else_chain_runs_exactly_one_branch(model, mlp, x, offset, branch):
+    """if / elif / else as `tracer.cond(p) as c`, `c.else_(q) as c2`, `c2.else_()`: the branch plain Python takes."""
+    total = mlp.layer1(x).sum().item()
+    fill = {"if": 1.0, "elif": 2.0, "else": 3.0}
+    with model.trace(x) as tracer:
+        s = model.layer1.output.sum()
+        with tracer.cond(s > total + offset) as c:  # true only for offset -1
+            model.layer1.output[:] = fill["if"]
+        with c.else_(s > total + offset - 2) as c2:  # true for offset 1
+            model.layer1.output[:] = fill["elif"]
+        with c2.else_():
+            model.layer1.output[:] = fill["else"]
+        out = model.output.save()
+    if total > total + offset:
+        taken = "if"
+    elif total > total + offset - 2:
+        taken = "elif"
+    else:
+        taken = "else"
+    assert taken == branch
+    assert torch.allclose(out.value, mlp.layer2(torch.full((2, 10), fill[taken])))
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_session_cond_else(model, mlp, x, flag):
+    with model.session() as session:
+        with session.cond(flag) as c:
+            with model.trace(x):
+                model.layer1.output[:] = 0
+                out_if = model.output.save()
+        with c.else_():
+            with model.trace(x):
+                out_else = model.output.save()
+    if flag:
+        assert torch.allclose(out_if.value, mlp.layer2(torch.zeros(2, 10)))
+        with pytest.raises(ValueError, match=UNSET_MESSAGE):
+            out_else.value
+    else:
+        assert torch.allclose(out_else.value, mlp(x))
+        with pytest.raises(ValueError, match=UNSET_MESSAGE):
+            out_if.value
+
+
+def test_else_inside_its_own_cond_block_is_a_trace_error(model, x):
+    with pytest.raises(TraceError, match="must follow"):
+        with model.trace(x) as tracer:
+            with tracer.cond(model.layer1.output.sum() > 0) as c:
+                with c.else_():
+                    pass
