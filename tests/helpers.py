@@ -173,6 +173,22 @@ def notes_text(exc: BaseException) -> str:
     return str(exc) + "\n" + "\n".join(getattr(exc, "__notes__", []) or [])
 
 
+def layer1_output_grad(mlp: Any, x: torch.Tensor) -> torch.Tensor:
+    """Oracle: the gradient of sum(mlp(x)) at layer1's output, by a hand-written tensor hook."""
+    captured = {}
+
+    def hook(module: Any, args: Any, out: torch.Tensor) -> None:
+        out.register_hook(lambda g: captured.setdefault("g", g.clone()))
+
+    handle = mlp.layer1.register_forward_hook(hook)
+    try:
+        mlp(x).sum().backward()
+    finally:
+        handle.remove()
+    mlp.zero_grad(set_to_none=True)
+    return captured["g"]
+
+
 # -- models called several times, BatchNorm, and counting real (non-fake) forward calls -----------------------
 class Cell(nn.Module):
     """A container with a child: ``tanh(lin(x))``. Called several times by :class:`Loop`."""

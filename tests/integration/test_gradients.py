@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import raysight
-from helpers import assert_no_hooks, notes_text, unchanged
+from helpers import assert_no_hooks, layer1_output_grad, notes_text, unchanged
 
 THIS_FILE = os.path.basename(__file__)
 
@@ -370,25 +370,9 @@ def test_grad_under_all_gives_each_calls_gradient(loop_model, loop, x4):
     assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(acc.value, reversed(want)))
 
 
-def _layer1_output_grad(mlp: Any, x: torch.Tensor) -> torch.Tensor:
-    """Oracle: the gradient of sum(mlp(x)) at layer1's output, by a hand-written tensor hook."""
-    captured = {}
-
-    def hook(module: Any, args: Any, out: torch.Tensor) -> None:
-        out.register_hook(lambda g: captured.setdefault("g", g.clone()))
-
-    handle = mlp.layer1.register_forward_hook(hook)
-    try:
-        mlp(x).sum().backward()
-    finally:
-        handle.remove()
-    mlp.zero_grad(set_to_none=True)
-    return captured["g"]
-
-
 def test_grad_set_from_one_read_is_seen_by_a_later_read_of_the_same_output(model, mlp, x):
     """nnsight 0.4's own pattern: each `.output` is a new read, but they are one tensor and share one gradient."""
-    captured = {"g": _layer1_output_grad(mlp, x)}
+    captured = {"g": layer1_output_grad(mlp, x)}
     with model.trace(x):
         l1_grad = model.layer1.output.grad.clone().save()
         model.layer1.output.grad = model.layer1.output.grad.clone() * 2
@@ -402,7 +386,7 @@ def test_grad_of_an_indexed_view_is_that_part_of_the_outputs_gradient(model, mlp
     """`output[0].grad` (a view the loss does not use directly) gives row 0 of the output's gradient, and editing it
     in place edits what flows upstream."""
     xb = torch.randn(3, 5, generator=torch.Generator().manual_seed(7))
-    captured = {"g": _layer1_output_grad(mlp, xb)}
+    captured = {"g": layer1_output_grad(mlp, xb)}
     with model.trace(xb):
         row = model.layer1.output[0].grad.clone().save()
         model.layer1.output[1].grad[:] = 0

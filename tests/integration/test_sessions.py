@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import raysight
+from helpers import layer1_output_grad
 
 NOT_SET = "Accessing value before it's been set"
 
@@ -761,28 +762,11 @@ def test_iter_over_a_list_the_body_appends_to_runs_over_its_items_at_the_start()
     assert out.value == plain == [1, 2, 10, 20]
 
 
-def _layer1_grad_oracle(mlp: Any, x: torch.Tensor) -> torch.Tensor:
-    """The gradient at layer1's output of sum(mlp(x)), by a hand-written tensor hook."""
-    seen = {}
-
-    def hook(module: Any, args: Any, out: torch.Tensor) -> None:
-        out.register_hook(lambda g: seen.setdefault("g", g.clone()))
-
-    handle = mlp.layer1.register_forward_hook(hook)
-    try:
-        out = mlp(x)
-        out.sum().backward()
-    finally:
-        handle.remove()
-    mlp.zero_grad(set_to_none=True)
-    return seen["g"]
-
-
 @pytest.mark.parametrize("second_trace", [False, True])
 def test_grad_read_in_a_trace_with_the_backward_later_in_the_session(model, mlp, x, second_trace):
     """`.grad` is the gradient in the next backward() recorded after it, also when that backward is the
     session's, after the trace (and after another trace)."""
-    want = _layer1_grad_oracle(mlp, x)
+    want = layer1_output_grad(mlp, x)
     with model.session():
         with model.trace(x):
             g = model.layer1.output.grad.save()
