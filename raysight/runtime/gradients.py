@@ -14,7 +14,7 @@ import torch
 
 from raysight.graph.node import CALL_FUNCTION, CALL_METHOD, READ, Node
 from raysight.errors import InterventionError
-from raysight.runtime.state import UNSET, Stream, annotate, same_view
+from raysight.runtime.state import UNSET, Stream, annotate, same_view, walk
 
 
 class Gradients:
@@ -144,8 +144,8 @@ class Gradients:
         if base is not None:
             handles.append(base.register_hook(gradient_of_base))
 
-    def _backward_after(self, node: Node) -> bool:
-        """Is a backward pass recorded after ``node`` (edits come before the trace's own nodes)?"""
+    def _backward_indices(self) -> list[int]:
+        """The indices of the backward() calls recorded in the graph (found once per run)."""
         if self._backwards is None:
             self._backwards = [
                 n.index
@@ -153,10 +153,19 @@ class Gradients:
                 if (n.op is CALL_METHOD and n.target == "backward")
                 or (n.op is CALL_FUNCTION and n.target is torch.autograd.backward)
             ]
-        if node.index >= self.edit_start:
-            return any(i < self.edit_start or i > node.index for i in self._backwards)
-        return any(node.index < i < self.edit_start for i in self._backwards)
+        return self._backwards
 
+    def _backward_after(self, node: Node) -> bool:
+        """Is a backward pass recorded after ``node`` (edits come before the trace's own nodes)?"""
+        backwards = self._backward_indices()
+        if node.index >= self.edit_start:
+            return any(i < self.edit_start or i > node.index for i in backwards)
+        return any(node.index < i < self.edit_start for i in backwards)
+
+    def _backward_after_trace(self) -> bool:
+        """(A trace of a session) Is a backward pass recorded after this trace, later in the session?"""
+        end = max(n.index for stream in self.streams for n in walk(stream.body))
+        return any(end < i < self.edit_start for i in self._backward_indices())
 
 
 class _Constant:
@@ -171,9 +180,7 @@ class _Constant:
 def _what(source: Any) -> str:
     """A value in an error message: the module location of a read (``model.layer1.output``), else its node."""
     if type(source) is Node and source.op is READ:
-        loc = source.target
-        where = f"model.{loc.path}.{loc.key}" if loc.path else f"model.{loc.key}"
-        return where if loc.call == 0 else f"{where} (call {loc.call})"
+        return source.target.describe()
     return source.name
 
 

@@ -180,9 +180,8 @@ class Interleaver(Gradients, Loops, Ops):
         self.finished = True
         self.event = None
         self._advance()
-        if self.armed and self._parent is not None and any(
-            self._backward_outside(node) for node, _ in self.armed
-        ):  # a trace of a session whose backward() comes later in the session: its hooks wait for that pass
+        if self.armed and self._parent is not None and self._backward_after_trace():
+            # a trace of a session whose backward() comes later in the session: its hooks wait for that pass
             parent = self._parent
             if type(parent.armed) is tuple:
                 parent.armed, parent.grad_overrides = [], {}
@@ -190,14 +189,6 @@ class Interleaver(Gradients, Loops, Ops):
             self.armed = parent.armed
             return
         check_gradients_ran(self.armed)
-
-    def _backward_outside(self, node: Node) -> bool:
-        """Whether a backward() after ``node`` is recorded outside this trace (later in its session)."""
-        end = max((n.index for stream in self.streams for n in _walk(stream.body)), default=node.index)
-        return any(
-            (n.op is CALL_METHOD and n.target == "backward") or (n.op is CALL_FUNCTION and n.target is torch.autograd.backward)
-            for n in self.nodes[end + 1 : self.edit_start]
-        )
 
     def results(self) -> dict[int, Any]:
         return self.saved_values
@@ -537,10 +528,3 @@ def check_gradients_ran(armed: Any) -> None:
             ),
             node,
         )
-
-
-def _walk(body: list) -> Iterator[Node]:
-    for node in body:
-        yield node
-        if node.body is not None:
-            yield from _walk(node.body)

@@ -113,7 +113,6 @@ class Loops:
             _seal(stream.captures, env)
 
 
-
 def _seal(captures: list, env: list) -> None:
     """A region's step is over: gradient streams armed in it take the step's values they had not seen yet (the
     next step rebinds them; the backward pass reaches this call later)."""

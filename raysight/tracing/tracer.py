@@ -576,19 +576,12 @@ class Block:
         if self.node.op is not COND:
             raise TraceError("else_() continues a `tracer.cond(...)` block; this block is not a condition")
         rec = self.recorder
-        if not rec.recording or rec.graph.current_body is not self._body_of_chain():
+        if not rec.recording or not any(n is self.node for n in rec.graph.current_body):
             raise TraceError("`with c.else_():` must follow the `with tracer.cond(...) as c:` block, at the same level")
         from raysight.tracing.control import else_taken
 
         taken = rec.record(CALL_FUNCTION, else_taken, (True if condition is None else condition, *self._branches))
         return Block(rec, rec.record(COND, None, (taken,)).node, self._branches)
-
-    def _body_of_chain(self) -> Optional[list]:
-        stack = self.recorder.graph._stack
-        for body in reversed(stack):
-            if any(n is self.node for n in body):
-                return body
-        return None
 
     def __enter__(self) -> "Block":
         self.recorder.graph.enter(self.node)
