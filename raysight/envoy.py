@@ -41,6 +41,21 @@ class _ModuleValue:
 
 _VALUE_NAMES = ("output", "input", "inputs")
 _NNS_NAMES = ("nns_output", "nns_input", "nns_inputs")
+# module methods that change training state: called while a trace or session records, they record (a training
+# loop's `model.zero_grad()` runs at each step, where the model is), instead of running once, now, on this side
+_RECORDED_METHODS = frozenset({"zero_grad"})
+
+
+class _RecordedMethod:
+    """``envoy.zero_grad`` while recording: calling it records the call on the module (sent by reference)."""
+
+    __slots__ = ("rec", "fn", "module")
+
+    def __init__(self, rec: Any, fn: Any, module: torch.nn.Module) -> None:
+        self.rec, self.fn, self.module = rec, fn, module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.rec.record(CALL_FUNCTION, self.fn, (self.module, *args), kwargs)
 
 
 class Envoy:
@@ -210,6 +225,10 @@ class Envoy:
                 f"{self._describe()} ({type(module).__name__}) has no submodule or attribute {name!r}; its "
                 f"submodules are: {children}. Print the model to see its tree."
             ) from None
+        if name in _RECORDED_METHODS:
+            rec = current_recorder()
+            if rec is not None and rec.recording:
+                return _RecordedMethod(rec, getattr(type(module), name), module)
         if isinstance(value, torch.Tensor):
             rec = current_recorder()
             model = getattr(rec, "model", None) if rec is not None and rec.recording else None

@@ -14,14 +14,19 @@ import functools
 import io
 import sys
 import time
+import logging
 import weakref
 from typing import Any, Callable, Iterator, Optional
+
+import torch
 
 from raysight.backends.base import Request
 from raysight.errors import RaysightError, RemoteExecutionError
 from raysight.graph.serialize import Limits, WireError, decode_request, decode_result, encode_request, encode_result
 from raysight.runtime.execute import run_session, run_trace
 from raysight.runtime.state import SKIPPED
+
+logger = logging.getLogger(__name__)
 
 
 def serve(payload: bytes, resolve_model: Callable[[int], Any], limits: Limits, trusted: bool) -> bytes:
@@ -47,6 +52,34 @@ def edits_set_aside(model: Any) -> Iterator[Any]:
         model.__dict__["_edits"] = edits
 
 
+@contextlib.contextmanager
+def served_models_kept(live: list, models: Any) -> Iterator[None]:
+    """Run a request without changing what the server serves: the parameters it references (``live``, an optimizer
+    stepping ``model.layer.parameters()``) get their values and ``requires_grad`` back when it ends, and every
+    parameter of ``models`` its ``.grad``. Within the request the changes show (later traces of a training session
+    see the trained weights); the next caller of the pool gets the model as it was served. The values are kept on
+    the CPU. A run that wants its trained weights saves them (they come back as values)."""
+    kept: dict[int, tuple[torch.nn.Parameter, torch.Tensor, bool]] = {}
+    for param in live:
+        if id(param) not in kept:
+            kept[id(param)] = (param, param.detach().to("cpu", copy=True), param.requires_grad)
+    grads = [(p, p.grad) for model in models for p in model._module.parameters()]
+    try:
+        yield
+    finally:
+        changed = 0
+        with torch.no_grad():
+            for param, value, requires_grad in kept.values():
+                if not torch.equal(param.detach().cpu(), value):
+                    param.copy_(value)
+                    changed += 1
+                param.requires_grad_(requires_grad)
+        for param, grad in grads:
+            param.grad = grad
+        if changed:
+            logger.info("restored %d parameter(s) of the served model that the request changed", changed)
+
+
 def relay_logs(logs: Any) -> None:
     """Print on the client what ``tracer.log`` printed where the graph ran (as a local run prints it)."""
     for text in [logs] if isinstance(logs, str) else logs:
@@ -60,6 +93,11 @@ def _serve(payload: bytes, resolve_model: Callable[[int], Any], limits: Limits, 
     models = {i: resolve_model(i) for i in range(len(decoded.models))}
     for i, model in models.items():
         model.__dict__["_edits"] = decoded.edits.get(i, [])  # the client's persistent edits, for this request
+    with served_models_kept(decoded.live, models.values()):
+        return _run(decoded, models, limits, logs)
+
+
+def _run(decoded: Any, models: dict, limits: Limits, logs: Any) -> bytes:
     deadline = time.monotonic() + limits.max_seconds if limits.max_seconds else None
     try:
         if decoded.method == "session":
@@ -88,29 +126,34 @@ def serve_part(payload: bytes, resolve_model: Callable[[int], Any], limits: Limi
         decoded = decode_request(payload, limits, trusted, resolve_model)
         for i in part["models"]:
             resolve_model(i).__dict__["_edits"] = decoded.edits.get(i, [])
-        nodes = decoded.graph.nodes
-        wanted = {n.index for n in nodes if n.saved}
-        for i in part["exports"]:
-            nodes[i].saved = True  # kept to the end of this part (this graph is the server's own copy)
-        deadline = time.monotonic() + limits.max_seconds if limits.max_seconds else None
-        try:
-            values = run_session(decoded.graph, deadline=deadline, log_to=logs,
-                                 body=[nodes[i] for i in part["nodes"]], given=given)  # fmt: skip
-        except (RaysightError, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            raise RemoteExecutionError.wrap(exc) from exc
-        text = logs.getvalue()
-        saved = {i: v for i, v in values.items() if i in wanted}
-        for i, v in given.items():  # a value from an earlier part that the user saved: as this part left it
-            if i in wanted and v is not SKIPPED:
-                saved[i] = v
-        kept = {**{i: v for i, v in given.items() if v is not SKIPPED}, **values}  # (given objects: as changed here)
-        exports = {i: kept[i] for i in part["exports"] if i in kept}  # absent: skipped (a cond that did not run)
-        return bytes(encode_result(saved, limits, [text] if text else [])), exports
+        with served_models_kept(decoded.live, [resolve_model(i) for i in part["models"]]):
+            return _run_part(decoded, limits, part, given, logs)
     except BaseException as exc:
         exc._raysight_logs = logs.getvalue()  # type: ignore[attr-defined]
         raise
+
+
+def _run_part(decoded: Any, limits: Limits, part: dict, given: dict[int, Any], logs: Any) -> tuple[bytes, dict]:
+    nodes = decoded.graph.nodes
+    wanted = {n.index for n in nodes if n.saved}
+    for i in part["exports"]:
+        nodes[i].saved = True  # kept to the end of this part (this graph is the server's own copy)
+    deadline = time.monotonic() + limits.max_seconds if limits.max_seconds else None
+    try:
+        values = run_session(decoded.graph, deadline=deadline, log_to=logs,
+                             body=[nodes[i] for i in part["nodes"]], given=given)  # fmt: skip
+    except (RaysightError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise RemoteExecutionError.wrap(exc) from exc
+    text = logs.getvalue()
+    saved = {i: v for i, v in values.items() if i in wanted}
+    for i, v in given.items():  # a value from an earlier part that the user saved: as this part left it
+        if i in wanted and v is not SKIPPED:
+            saved[i] = v
+    kept = {**{i: v for i, v in given.items() if v is not SKIPPED}, **values}  # (given objects: as changed here)
+    exports = {i: kept[i] for i in part["exports"] if i in kept}  # absent: skipped (a cond that did not run)
+    return bytes(encode_result(saved, limits, [text] if text else [])), exports
 
 
 class WireBackend:

@@ -36,6 +36,7 @@ class Decoded:
     model: int
     models: list[WireModel]
     edits: dict[int, list[Graph]] = field(default_factory=dict)
+    live: list[torch.nn.Parameter] = field(default_factory=list)  # the server's own parameters it references
 
 
 class _Decoder:
@@ -47,6 +48,7 @@ class _Decoder:
         self.where = ""
         self.frames: Optional[list] = None  # a reply's out-of-band tensor bytes
         self.tensors: dict[int, torch.Tensor] = {}  # by the tensor map's id: one object per id
+        self.live: list[torch.nn.Parameter] = []  # the models' own parameters the request references
 
     def fail(self, problem: str) -> WireError:
         return WireError(f"malformed request{self.where}: {problem}")
@@ -115,6 +117,8 @@ class _Decoder:
                 invokes = [InvokeInputs(self.value(i["args"], d), self.value(i["kwargs"], d), int(i["batch_size"]))
                            for i in v["invokes"]]  # fmt: skip
                 return TraceSpec(model, invokes, self.value(v["forward_kwargs"], d), str(v["method"]))
+            if tag == "model_param" or tag == "model_module":
+                return self.owned(tag, int(v["model"]), str(v["name" if tag == "model_param" else "path"]))
             if tag == "fn":
                 return self.function(str(v["module"]), str(v["name"]))
             if tag == "pickle":
@@ -140,6 +144,20 @@ class _Decoder:
         if not all(type(p) is list and len(p) == 2 for p in items):
             raise self.fail("dict items must be [key, value] pairs")
         return items
+
+    def owned(self, tag: str, index: int, name: str) -> Any:
+        """A parameter or submodule of the server's model ``index``: the object itself, not a copy."""
+        model = self.resolve_model(index)
+        module = model._module
+        try:
+            if tag == "model_module":
+                return module.get_submodule(name)
+            param = module.get_parameter(name)
+        except AttributeError:
+            what = "submodule" if tag == "model_module" else "parameter"
+            raise self.fail(f"the model has no {what} {name!r} here (the client's model has another shape?)") from None
+        self.live.append(param)
+        return param
 
     def function(self, module: str, name: str) -> Any:
         if not self.trusted and not is_allowed(module, name):
@@ -319,7 +337,7 @@ def decode_request(payload: bytes, limits: Limits, trusted: bool, resolve_model:
     forward_kwargs = dec.value(wire.forward_kwargs)
     if not isinstance(forward_kwargs, dict):
         raise WireError("malformed request: forward_kwargs must be a dict")
-    return Decoded(graph, invokes, forward_kwargs, wire.method, wire.model, wire.models, edits)
+    return Decoded(graph, invokes, forward_kwargs, wire.method, wire.model, wire.models, edits, dec.live)
 
 
 def _check_model(i: int, wire: WireRequest, resolve_model: Any) -> Any:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from raysight.errors import RaysightError
 
-SCHEMA_VERSION = 2  # 2: tensors carry an `id`; occurrences with one id decode to one object
+SCHEMA_VERSION = 3  # 2: tensors carry an `id`; 3: `model_param` / `model_module` reference the server's own
 
 
 class WireError(RaysightError, ValueError):

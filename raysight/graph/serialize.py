@@ -15,6 +15,7 @@ restricted mode in ``callables.py``, and decoding in ``decoding.py``.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import msgpack
@@ -48,6 +49,7 @@ class _Encoder:
         self.node: Optional[Node] = None
         self.frames = frames  # when set, tensor bytes go out of band (see encode_result)
         self.tensors: dict[int, tuple[torch.Tensor, dict]] = {}  # id() -> (the tensor, its encoding)
+        self._owned: Optional[dict[int, dict]] = None  # id() of the models' parameters and modules -> reference
 
     def model_ref(self, model: Any) -> int:
         for i, known in enumerate(self.models):
@@ -62,6 +64,10 @@ class _Encoder:
             return v
         if t is Node:
             return {"$": "node", "i": v.index}
+        if isinstance(v, (torch.nn.Parameter, torch.nn.Module)) and self.models:
+            ref = self.owned(v)
+            if ref is not None:
+                return ref
         if isinstance(v, torch.Tensor):
             # one object on this side is one object on the other (an optimizer's parameters are the ones the
             # trace uses; an in-place edit of a tensor shows wherever it is referenced)
@@ -106,13 +112,35 @@ class _Encoder:
             return self.by_value(v, f"the callable {getattr(v, '__qualname__', repr(v))}")
         return self.by_value(v, f"a {t.__name__} value")
 
+    def owned(self, v: Any) -> Optional[dict]:
+        """The reference to ``v`` when it is a parameter or a module of one of the request's models: the server
+        resolves it to *its* object (an optimizer over ``model.layer.parameters()`` steps the served weights, as a
+        local run steps the model's own), where by value it would be a copy."""
+        if self._owned is None:
+            self._owned = {}
+            for i, model in enumerate(self.models):
+                module = getattr(model, "_module", None)
+                if not isinstance(module, torch.nn.Module):
+                    continue
+                for path, sub in module.named_modules():
+                    self._owned.setdefault(id(sub), {"$": "model_module", "model": i, "path": path})
+                for name, param in module.named_parameters():
+                    self._owned.setdefault(id(param), {"$": "model_param", "model": i, "name": name})
+        return self._owned.get(id(v))
+
     def by_value(self, v: Any, what: str) -> Any:
         if not self.trusted:
             raise WireError(f"restricted mode: {what} is not on the allow-list{_where(self.node)}; only torch "
                             "functions, tensor methods, operators, einops and raysight builtins may be sent")
         import cloudpickle
 
-        return {"$": "pickle", "data": cloudpickle.dumps(v)}
+        try:
+            data = cloudpickle.dumps(v)
+        except Exception as exc:  # a generator, a lock, an open file, ...
+            hint = " (make it a list first: `list(...)`)" if inspect.isgenerator(v) else ""
+            raise WireError(f"{what}{_where(self.node)} cannot be sent to where the graph runs: it cannot be "
+                            f"pickled ({type(exc).__name__}: {exc}){hint}") from exc
+        return {"$": "pickle", "data": data}
 
     def invoke(self, inv: Any) -> dict:
         return {"args": self.value(inv.args), "kwargs": self.value(inv.kwargs), "batch_size": inv.batch_size}
@@ -175,6 +203,9 @@ def encode_request(request: Any, models: list[Any], trusted: bool = True, model:
     """Encode a :class:`~raysight.backends.base.Request` (``model`` is the traced model, None for a session)."""
     enc = _Encoder(trusted, models)
     model_index = enc.model_ref(model) if model is not None else -1
+    for node in request.graph.nodes:  # every model first, so that any of their parameters is known as theirs
+        if node.op is Op.TRACE:
+            enc.model_ref(node.target.model)
     graph = enc.graph(request.graph)
     enc.node = None
     invokes = [WireInvoke(**enc.invoke(inv)) for inv in request.invokes]

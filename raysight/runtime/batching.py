@@ -70,21 +70,30 @@ def _replace(full: Any, rows: Rows, new: Any) -> Any:
     return new
 
 
-def check_structure(expected: Any, got: Any, where: str) -> None:
-    """Raise :class:`StructureError` if ``got`` cannot stand in for ``expected`` (containers, lengths, keys)."""
-    problem = _structure_problem(expected, got)
-    if problem is not None:
+def check_structure(expected: Any, got: Any, where: str, shapes: bool = False) -> None:
+    """Raise :class:`StructureError` if ``got`` cannot stand in for ``expected`` (containers, lengths, keys; with
+    ``shapes``, also the shape of every tensor)."""
+    problem = _structure_problem(expected, got, "", shapes)
+    if problem is None:
+        return
+    if problem.startswith("expected shape"):
         raise StructureError(
-            f"cannot set {where}: {problem}. Assign a value with the same structure as the one it replaces, "
-            "e.g. `(new_hidden,) + output[1:]` for a tuple output."
+            f"cannot set {where}: {problem}. The modules after it would get the wrong shape; assign a value of the "
+            "shape it replaces (validate=True checks shapes; a run without it lets a new shape through)"
         )
+    raise StructureError(
+        f"cannot set {where}: {problem}. Assign a value with the same structure as the one it replaces, "
+        "e.g. `(new_hidden,) + output[1:]` for a tuple output."
+    )
 
 
-def _structure_problem(expected: Any, got: Any, at: str = "") -> Optional[str]:
+def _structure_problem(expected: Any, got: Any, at: str = "", shapes: bool = False) -> Optional[str]:
     label = f" at {at}" if at else ""
     if isinstance(expected, torch.Tensor):
         if not isinstance(got, torch.Tensor):
             return f"expected a Tensor{label}, got {type(got).__name__}"
+        if shapes and tuple(got.shape) != tuple(expected.shape):
+            return f"expected shape {tuple(expected.shape)}{label}, got {tuple(got.shape)}"
         return None
     if isinstance(expected, (list, tuple)):
         if not isinstance(got, (list, tuple)):
@@ -92,7 +101,7 @@ def _structure_problem(expected: Any, got: Any, at: str = "") -> Optional[str]:
         if len(got) != len(expected):
             return f"expected {len(expected)} items{label}, got {len(got)}"
         for i, (e, g) in enumerate(zip(expected, got)):
-            problem = _structure_problem(e, g, f"{at}[{i}]")
+            problem = _structure_problem(e, g, f"{at}[{i}]", shapes)
             if problem:
                 return problem
         return None
@@ -102,7 +111,7 @@ def _structure_problem(expected: Any, got: Any, at: str = "") -> Optional[str]:
         if set(got) != set(expected):
             return f"expected keys {sorted(expected)}{label}, got {sorted(got)}"
         for k in expected:
-            problem = _structure_problem(expected[k], got[k], f"{at}[{k!r}]")
+            problem = _structure_problem(expected[k], got[k], f"{at}[{k!r}]", shapes)
             if problem:
                 return problem
     return None

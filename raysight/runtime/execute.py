@@ -85,6 +85,10 @@ def run_trace(
                         model._execute(method, args, kwargs)
                 except EarlyStop:
                     return interleaver
+                except Exception as exc:
+                    if interleaver.reshaped is not None and getattr(exc, "_raysight_node", None) is None:
+                        _note_reshape(exc, *interleaver.reshaped)  # the model failed after a write changed a shape
+                    raise
                 interleaver.finish()
             finally:
                 interleaver.call_root = None  # it points back at the interleaver: no cycle left for the collector
@@ -92,6 +96,21 @@ def run_trace(
     finally:
         if owner != me:
             del _RUNNING[key]
+
+
+def _note_reshape(exc: BaseException, node: Node, old: Any, new: Any) -> None:
+    where = f", at {node.source}: {node.source.text()}" if node.source else ""
+    note = (f"raysight: the model failed after {node.target} was set to a value of shape {_shape_text(new)} where "
+            f"the module gave {_shape_text(old)}{where}; the modules after it get that shape. Keep the shape, or "
+            "trace with validate=True to check every write before the model runs")
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+
+
+def _shape_text(shapes: Any) -> str:
+    if isinstance(shapes, tuple) and all(type(s) is int for s in shapes):
+        return str(shapes)
+    return str(shapes).replace("None", "-")
 
 
 _RUNNING: dict[int, int] = {}  # id of a root module running a trace -> the thread running it

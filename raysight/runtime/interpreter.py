@@ -67,6 +67,7 @@ class Interleaver(Gradients, Loops, Ops):
     armed: Any = ()
     grad_overrides: Any = MappingProxyType({})
 
+    reshaped: Optional[tuple] = None  # (node, old shape, new shape) of the last write that changed a shape
     _parent: Optional["Interleaver"] = None  # the session's interleaver, for a trace of a session
 
     def __init__(

@@ -53,6 +53,8 @@ class Ops:
         current = _select(event.value, loc.key)
         if same_view(new, narrow(current, stream.rows)):
             return None  # an in-place edit written back (`x += 1`): the batch already holds it
+        if stream.rows is None and _shapes(new) != _shapes(current):
+            self.reshaped = (node, _shapes(current), _shapes(new))  # named if the model fails after it
         if loc.key == "output":
             event.value = replace_rows(current, stream.rows, new, where)
         elif loc.key == "inputs":
@@ -98,6 +100,15 @@ class Ops:
             kwargs = {**kwargs, "file": self.log_to}
         print(*self._load(node.args), **kwargs)  # the user asked for it: tracer.log
         return None
+
+
+def _shapes(value: Any) -> Any:
+    """The shape of a tensor, or of each tensor of a tuple or list (one level: a module's output tuple)."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)):
+        return tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in value)
+    return None
 
 
 def _select(value: Any, key: str) -> Any:

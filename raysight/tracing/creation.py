@@ -51,9 +51,30 @@ def _record_construction(cls: type, args: tuple, kwargs: dict) -> Any:
     rec = current_recorder()
     if rec is None or not rec.recording:
         return None
+    if issubclass(cls, torch.optim.Optimizer):
+        args, kwargs = _params_listed(args, kwargs)
     proxy = rec.record(Op.CALL_FUNCTION, cls, args, kwargs)
     rec.mark_saved(proxy)  # training state outlives the run
     return proxy
+
+
+def _params_listed(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """An optimizer's ``params`` given as an iterator (``model.layer.parameters()``), as the list the optimizer
+    would make of it now: the recorded node keeps it (an iterator is spent after one use, and cannot travel)."""
+
+    def listed(params: Any) -> Any:
+        if isinstance(params, (torch.Tensor, Proxy, list, tuple, dict)) or not hasattr(params, "__iter__"):
+            if isinstance(params, list) and any(isinstance(g, dict) for g in params):  # parameter groups
+                return [{**g, "params": listed(g["params"])} if isinstance(g, dict) and "params" in g else g
+                        for g in params]  # fmt: skip
+            return params
+        return list(params)
+
+    if args:
+        return (listed(args[0]), *args[1:]), kwargs
+    if "params" in kwargs:
+        return args, {**kwargs, "params": listed(kwargs["params"])}
+    return args, kwargs
 
 
 def _from_torch(frame: Any) -> bool:

@@ -198,12 +198,13 @@ def compute_meta(mode: FakeTensorMode, node: Node, meta_of: Callable[[Node], Any
 
 
 def check_write(node: Node, current: Any, new: Any) -> None:
-    """validate=True: an assignment to ``.output``/``.input`` must keep the structure of what it replaces."""
+    """validate=True: an assignment to ``.output``/``.input`` must keep the structure and the shapes of what it
+    replaces (the modules after it were scanned with those)."""
     if current is NO_META or any_leaf(new, lambda v: v is NO_META):  # a part has no fake value
         return
     if node.target.key == "inputs":
         return
-    check_structure(current, new, f"{node.target}")
+    check_structure(current, new, f"{node.target}", shapes=True)
 
 
 def _pure_without_inputs(fn: Any) -> bool:

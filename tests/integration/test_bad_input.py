@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import raysight
-from helpers import unchanged
+from helpers import notes_text, unchanged
 
 UNSET_MESSAGE = r"Accessing value before it's been set\."
 
@@ -62,6 +62,27 @@ def test_replacing_an_invokes_rows_with_the_wrong_shape_raises_structure_error(m
                     model.layer1.output = torch.zeros(4, 10)
                 with tracer.invoke(xb):
                     pass
+
+
+def test_a_write_of_another_shape_is_named_when_the_model_fails_after_it(model, mlp, x):
+    with torch.no_grad():
+        shape = tuple(mlp.layer1(x).shape)
+    with unchanged(mlp):
+        with pytest.raises(RuntimeError, match="mat1 and mat2") as info:  # torch's own error, from layer2
+            with model.trace(x):
+                model.layer1.output = torch.zeros(len(x), 7)  # 7 wide where layer2 takes 10
+                model.output.save()
+    notes = notes_text(info.value)
+    assert f"layer1.output was set to a value of shape {(len(x), 7)} where the module gave {shape}" in notes
+    assert "torch.zeros(len(x), 7)  # 7 wide where layer2 takes 10" in notes
+    assert "validate=True" in notes
+
+
+def test_a_write_of_another_shape_that_the_model_accepts_runs(model, mlp, x):
+    with model.trace(x):
+        model.layer2.output = torch.ones(len(x), 4)  # the last module: nothing after it needs its shape
+        out = model.output.save()
+    assert torch.equal(out.value, torch.ones(len(x), 4))
 
 
 def test_value_too_early_inside_the_with_block(model, mlp, x, count_calls):

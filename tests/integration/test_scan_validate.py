@@ -188,6 +188,30 @@ def test_validate_raises_structure_error_for_a_wrong_structure_assignment(model,
     assert calls[0] == 0
 
 
+def test_validate_raises_for_a_write_that_changes_a_shape(model, mlp, x, count_real_calls):
+    with torch.no_grad():
+        shape = tuple(mlp.layer1(x).shape)
+    with unchanged(mlp), count_real_calls(mlp) as calls:
+        with pytest.raises(raysight.StructureError) as info:
+            with model.trace(x, validate=True):
+                model.layer1.output = torch.zeros(len(x), 7)  # 7 wide where layer2 takes 10
+    assert f"expected shape {shape}, got {(len(x), 7)}" in str(info.value)
+    assert "torch.zeros(len(x), 7)  # 7 wide where layer2 takes 10" in notes_text(info.value)
+    assert calls[0] == 0
+
+
+def test_an_edit_checked_with_an_input_refuses_a_write_of_another_shape(model, mlp, x):
+    with unchanged(mlp):
+        with pytest.raises(raysight.StructureError, match=r"layer1\.output: expected shape"):
+            with model.edit(x, inplace=True):
+                model.layer1.output = torch.zeros(len(x), 3)
+    assert not model._edits  # left unedited
+    with model.trace(x):
+        out = model.output.save()
+    with torch.no_grad():
+        assert torch.allclose(out.value, mlp(x))
+
+
 def test_validate_accepts_correct_code_and_returns_plain_torch_values(model, mlp, x):
     with model.trace(x, validate=True):
         h = model.layer1.output[:, 3].save()

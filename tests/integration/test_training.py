@@ -9,6 +9,7 @@ values and data, and plain ``transformers`` for the language model. The tiny GPT
 
 from __future__ import annotations
 
+import copy
 import inspect
 import pathlib
 from typing import Any
@@ -458,6 +459,78 @@ def test_optimizer_in_plain_trace_steps_when_the_trace_runs(wrapped, net, data, 
     value = _val(saved)
     assert not torch.equal(value.detach(), b0), "the step never changed the parameter"
     assert torch.allclose(value.detach(), oracle.detach(), atol=1e-6)
+
+
+# -- training the model's own weights -------------------------------------------------------------------------
+def _plain_fine_tuning(net: Net, data: tuple, steps: int) -> Net:
+    """The oracle: SGD on a copy of ``net``'s layer2, in batches of 4 rows, plain PyTorch."""
+    oracle = copy.deepcopy(net).requires_grad_(True)
+    opt = torch.optim.SGD(oracle.layer2.parameters(), lr=0.1)
+    x, y = data
+    for step in range(steps):
+        ((oracle(x[4 * step:4 * step + 4]) - y[4 * step:4 * step + 4]) ** 2).mean().backward()
+        opt.step()
+        oracle.zero_grad()
+    return oracle
+
+
+def test_fine_tuning_a_layer_of_the_model_itself_matches_plain_pytorch(wrapped, net, data, backend):
+    """``torch.optim.SGD(model.layer2.parameters())`` (an iterator of the model's own parameters) steps the weights
+    where the model runs, and ``model.zero_grad()`` in the loop body runs at every step (recorded, not run once
+    while recording). A remote run steps the served model's weights and gives them back unchanged when the session
+    ends, so the pool serves the same model to every caller; a local run keeps them, as plain PyTorch does."""
+    x, y = data
+    net.requires_grad_(True)
+    untrained = _snapshot(net)
+    with torch.no_grad():
+        base = net(x)
+    oracle = _plain_fine_tuning(net, data, steps=3)
+    with wrapped.session() as session:
+        opt = torch.optim.SGD(wrapped.layer2.parameters(), lr=0.1)
+        with session.iter([(x[i:i + 4], y[i:i + 4]) for i in (0, 4, 8)]) as batch:
+            with wrapped.trace(batch[0]):
+                ((wrapped.output - batch[1]) ** 2).mean().backward()
+            opt.step()
+            wrapped.zero_grad()
+        with wrapped.trace(x):
+            tuned = wrapped.output.save()
+    with wrapped.trace(x):
+        after = wrapped.output.save()
+    with torch.no_grad():
+        assert torch.allclose(_val(tuned), oracle(x), atol=1e-6) and not torch.allclose(_val(tuned), base)
+        if backend == "local":  # the model itself was trained
+            assert torch.allclose(net.layer2.weight, oracle.layer2.weight, atol=1e-6)
+            assert torch.allclose(_val(after), oracle(x), atol=1e-6)
+        else:  # the served copy was trained for the session and given back; the client's never changed
+            _assert_same_state(net, untrained)
+            assert torch.allclose(_val(after), base, atol=1e-6)
+    assert all(p.grad is None for p in net.parameters()), "zero_grad ran after the last step"
+
+
+def test_gradients_of_the_model_do_not_outlive_a_remote_run(wrapped, net, data, backend):
+    """The gradients a session's ``backward()`` leaves on the model's parameters: locally they stay (plain
+    PyTorch), so a later session's optimizer step uses them; a remote run gives the served model back without
+    them, so the same step changes nothing."""
+    x, y = data
+    net.requires_grad_(True)
+    untrained = _snapshot(net)
+    with wrapped.session():
+        with wrapped.trace(x):
+            ((wrapped.output - y) ** 2).mean().backward()
+    with wrapped.session():
+        torch.optim.SGD(wrapped.layer2.parameters(), lr=0.1).step()
+        with wrapped.trace(x):
+            out = wrapped.output.save()
+    oracle = copy.deepcopy(net)
+    oracle.load_state_dict(untrained)
+    oracle.zero_grad()
+    if backend == "local":  # the same two steps in plain PyTorch
+        ((oracle(x) - y) ** 2).mean().backward()
+        torch.optim.SGD(oracle.layer2.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        assert torch.allclose(_val(out), oracle(x), atol=1e-6)
+    if backend != "local":
+        _assert_same_state(net, untrained)
 
 
 # -- errors -----------------------------------------------------------------------------------------------------

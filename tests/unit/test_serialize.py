@@ -252,3 +252,46 @@ def test_an_edit_and_a_trace_share_a_tensor(model):
         back = (edited.layer1.output - steer).save()
     with torch.no_grad():
         assert torch.allclose(back.value, model._module.layer1(x), atol=1e-6)
+
+
+def test_the_models_own_parameters_and_modules_travel_by_reference(model):
+    """A parameter or submodule of the traced model in the graph (an optimizer over ``layer2.parameters()``) is
+    sent as a reference and decodes to the *server's* object, not a copy; other tensors travel by value."""
+    import copy
+
+    server = copy.deepcopy(model)
+    x = torch.randn(2, 5)
+    with Tracer(model, (x,), execute=False) as tracer:
+        raysight.apply(torch.add, model._module.layer2.weight, model._module.layer2.bias.detach()).save()
+        raysight.apply(type, model._module.layer1).save()
+    payload = encode_request(tracer.request(), [], model=model)
+    raw = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    args = [n["args"]["items"] for n in raw["graph"]["nodes"] if n["op"] == "call_function"]
+    assert args[0][0] == {"$": "model_param", "model": 0, "name": "layer2.weight"}
+    assert args[0][1]["$"] == "tensor"  # a detached copy is not the model's: by value
+    assert args[1][0] == {"$": "model_module", "model": 0, "path": "layer1"}
+    decoded = decode_request(payload, Limits(), True, lambda i: server)
+    calls = [n for n in decoded.graph.nodes if n.op.value == "call_function"]
+    assert calls[0].args[0] is server._module.layer2.weight
+    assert torch.equal(calls[0].args[1], model._module.layer2.bias)
+    assert calls[1].args[0] is server._module.layer1
+    assert decoded.live == [server._module.layer2.weight]
+
+
+@pytest.mark.parametrize("ref, message", [
+    ({"$": "model_param", "model": 0, "name": "layer9.weight"}, "no parameter 'layer9.weight'"),
+    ({"$": "model_module", "model": 0, "path": "layer1.nope"}, "no submodule 'layer1.nope'"),
+    ({"$": "model_param", "model": 3, "name": "layer1.weight"}, "lists 1"),
+])
+def test_a_reference_to_what_the_server_lacks_is_refused(model, ref, message):
+    def change(raw):
+        raw["graph"]["nodes"][2]["args"] = {"$": "tuple", "items": [ref]}
+
+    with pytest.raises(WireError, match=message):
+        serve(_mutate(model, change), lambda i: model, Limits(), trusted=True)
+
+
+def test_a_generator_in_the_graph_is_refused_with_the_fix(model):
+    with pytest.raises(WireError, match=r"generator value .*test_serialize.py.*make it a list"):
+        with model.trace(torch.randn(1, 5), backend=WireBackend()):
+            raysight.apply(len, model._module.parameters()).save()
