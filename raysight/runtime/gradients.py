@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from raysight.graph.node import CALL_FUNCTION, CALL_METHOD, READ, Node
+from raysight.graph.node import CALL_FUNCTION, CALL_METHOD, PARAM, READ, Node
 from raysight.errors import InterventionError
 from raysight.runtime.state import UNSET, Stream, annotate, same_view, walk
 
@@ -26,6 +26,7 @@ class Gradients:
         that replaces ``x``'s gradient with ``g`` during that pass (later ``.grad`` reads see ``g``); a leaf (a
         parameter, an input) just gets its ``.grad`` attribute set, as in plain PyTorch."""
         tensor, grad = self._load(node.args)
+        tensor = self._own_parameter(node.args[0], tensor)
         key = _grad_key(tensor)
         overrides = self.grad_overrides
         if key in overrides:  # inside that tensor's gradient hook: replaces the flowing gradient
@@ -44,10 +45,27 @@ class Gradients:
         """``x.grad``: if a backward() is recorded after it, run the GRAD node and what depends on it inside a hook
         on ``x`` during that backward pass; otherwise it is the plain ``x.grad`` attribute (``retain_grad``)."""
         source = node.args[0]
-        tensor = self._load(source)  # a node's value, or a tensor saved by an earlier trace
+        tensor = self._own_parameter(source, self._load(source))  # a value, or a tensor saved by an earlier trace
         if not isinstance(source, Node):
             source = _Constant(tensor)
+        if not isinstance(tensor, torch.Tensor):
+            raise annotate(
+                InterventionError(
+                    f"`.grad` of {_what(source)} cannot be observed: it is a {type(tensor).__name__}, not a tensor. "
+                    "Take the tensor first (e.g. `.output[0].grad` for a module that returns a tuple)."
+                ),
+                node,
+            )
         if not self._backward_after(node):
+            if not tensor.is_leaf and not tensor.retains_grad:  # torch keeps no .grad for it: None, and a warning
+                raise annotate(
+                    InterventionError(
+                        f"`.grad` of {_what(source)} is never computed: no backward() comes after it in the program. "
+                        "Read `.grad` before the `loss.backward()` whose gradient you want, or call `.retain_grad()` "
+                        "on the value before a backward pass to read `.grad` after it."
+                    ),
+                    node,
+                )
             self._set(node, tensor.grad)
             return
         position = body.index(node)
@@ -58,14 +76,6 @@ class Gradients:
                 owned.add(other.index)
                 closure.append(other)
         stream.moved |= owned
-        if not isinstance(tensor, torch.Tensor):
-            raise annotate(
-                InterventionError(
-                    f"`.grad` of {_what(source)} cannot be observed: it is a {type(tensor).__name__}, not a tensor. "
-                    "Take the tensor first (e.g. `.output[0].grad` for a module that returns a tuple)."
-                ),
-                node,
-            )
         if not tensor.requires_grad:
             raise annotate(
                 InterventionError(
@@ -110,6 +120,16 @@ class Gradients:
             return self.grad_overrides.pop(key)
 
         self._watch_grad(tensor, run, node, source)
+
+    def _own_parameter(self, source: Any, value: Any) -> Any:
+        """``model.layer.weight.grad``: the gradient of the model's parameter itself (the value a trace reads is a
+        copy, which no loss depends on)."""
+        if type(source) is Node and source.op is PARAM:
+            path, attr = source.target
+            own = getattr(self.module_at(path), attr, None)
+            if isinstance(own, torch.Tensor) and own.is_leaf:
+                return own
+        return value
 
     def _watch_grad(self, tensor: torch.Tensor, fn: Any, node: Node, source: Any) -> None:
         """Hook ``tensor``, and its base when it is a view (an invoke's rows, ``output[0]``: often not itself on the
@@ -181,6 +201,8 @@ def _what(source: Any) -> str:
     """A value in an error message: the module location of a read (``model.layer1.output``), else its node."""
     if type(source) is Node and source.op is READ:
         return source.target.describe()
+    if type(source) is Node and source.op is PARAM:
+        return source.describe_target()
     return source.name
 
 

@@ -87,6 +87,25 @@ def test_backward_in_a_trace_fills_parameter_grads_like_plain_backward(model, ml
     assert_same_grads(param_grads(mlp), oracle["params"])
 
 
+def test_grad_of_a_weight_read_before_backward_is_that_weights_gradient(model, mlp, x):
+    """``model.layer2.weight`` in a trace is a copy, but its ``.grad`` is the gradient of the weight itself."""
+    oracle = hand_grad_run(mlp, mlp.layer1, x)
+    with model.trace(x):
+        g = model.layer2.weight.grad.save()
+        model.output.sum().backward()
+    assert torch.allclose(g.value, oracle["params"]["layer2.weight"], atol=1e-6)
+
+
+def test_grad_of_a_weight_read_after_backward_is_its_grad_attribute(model, mlp, x):
+    oracle = hand_grad_run(mlp, mlp.layer1, x)
+    mlp.zero_grad(set_to_none=True)
+    with model.trace(x):
+        model.output.sum().backward()
+        g = model.layer1.bias.grad.save()
+    assert torch.allclose(g.value, oracle["params"]["layer1.bias"], atol=1e-6)
+    mlp.zero_grad(set_to_none=True)
+
+
 def test_grad_of_a_computed_value_that_replaces_an_output_equals_autograd_grad(model, mlp, x):
     h = mlp.layer1(x)
     a = torch.relu(h) * 3
@@ -253,6 +272,19 @@ def test_grad_of_a_value_not_upstream_of_the_loss_raises_intervention_error_nami
     text = notes_text(info.value)
     assert "%" in text  # names the node
     assert f"{THIS_FILE}:{line_of('side.grad.save()  # the .grad read')}" in text
+
+
+def test_grad_with_no_backward_after_it_raises_naming_the_location_and_line(model, mlp, x):
+    """Without a backward pass after it, the gradient of a hidden value is never computed (plain torch would
+    give None and a warning): a clear error, not a silent None."""
+    with unchanged(mlp):
+        with pytest.raises(raysight.InterventionError, match=r"`\.grad` of model\.layer1\.output is never computed: "
+                           r"no backward\(\) comes after it") as info:  # fmt: skip
+            with model.trace(x):
+                hidden = model.layer1.output
+                model.output.sum().backward()
+                hidden.grad.save()  # read after the backward pass
+    assert "hidden.grad.save()  # read after the backward pass" in notes_text(info.value)
 
 
 def test_backward_of_a_non_scalar_raises_runtime_error_noting_the_line(model, mlp, x):
