@@ -162,7 +162,8 @@ class Interleaver(Gradients, Loops, Ops):
                 waiting = stream.waiting
                 if waiting is None or stream.last_event is event:
                     continue  # not waiting, or it used this event itself
-                if stream.last_access().get((key, call), -1) > waiting.index:
+                wants = stream.last_access()
+                if max(wants.get((key, call), -1), wants.get((key, None), -1)) > waiting.index:
                     if stream.missed is None:
                         stream.missed = {}
                     stream.missed[(key, call)] = event
@@ -291,8 +292,10 @@ class Interleaver(Gradients, Loops, Ops):
                     if node.stops:  # a stop of this location comes later: the pass ends at this event
                         stream.stop_at = event
                     try:
-                        if target.key != "output" and target.key != "inputs":
-                            value = _first_input(value)
+                        if target.key != "output":
+                            stream.last_input = event
+                            if target.key != "inputs":
+                                value = _first_input(value)
                         if stream.rows is not None:
                             value = narrow(value, stream.rows)
                     except Exception as exc:
@@ -377,15 +380,22 @@ class Interleaver(Gradients, Loops, Ops):
                 value = self.env[earlier.index]
                 if value is not FREED and value is not UNSET and value is not SKIPPED and not self._changed_later(node):
                     return _Reread(key, call, value)
-            if node.op is READ and stream.missed is not None and last is not None and last.path == loc.path:
-                event = stream.missed.get((key, call))  # a module's input read after its own output (nnsight
-                if event is not None and not self._changed_later(node):  # 0.4's test_save): the input fired while
-                    return event  # the stream waited on that output; a read that is then edited cannot take effect
-            after = f" after {stream.last_read}" if stream.last_read else ""
+            if node.op is READ and last is not None and last.path == loc.path and loc.key != "output":
+                # a module's input read after its own output (nnsight 0.4's test_save): the input fired while the
+                # stream waited on that output, or an earlier read of this stream used it (`.input` then `.output`
+                # then `.inputs`); a read that is then edited cannot take effect
+                event = stream.missed.get((key, call)) if stream.missed is not None else None
+                if event is None:
+                    seen = stream.last_input
+                    if seen is not None and seen.key == key and seen.call == call:
+                        event = seen
+                if event is not None and not self._changed_later(node):
+                    return event
+            after = f" after {_at_call(last, call)}" if last else ""
             raise annotate(
                 OutOfOrderError(
-                    f"{loc} was read{after} in {stream.label}, but that call of the module had already run; read "
-                    "modules in forward order or use a second invoke"
+                    f"{_at_call(loc, call)} was read{after} in {stream.label}, but that call of the module had "
+                    "already run; read modules in forward order or use a second invoke"
                 ),
                 node,
             )
@@ -483,6 +493,11 @@ class Interleaver(Gradients, Loops, Ops):
             return a
         env = self.env
         return map_nodes(a, lambda n: env[n.index])
+
+
+def _at_call(loc: Location, call: int) -> str:
+    """A location in a message about one call: a multi-call read (``.all()``) names the call it was at."""
+    return str(loc._replace(call=call)) if type(loc.call) is Calls else str(loc)
 
 
 def _stops_of(stream: Stream) -> frozenset:

@@ -91,7 +91,7 @@ class Loops:
             for dep in node.deps:
                 self.remaining[dep.index] = pinned
         region = Stream(f"{stream.label} ({calls})", stream.rows, open_ended=calls.items is None
-                        and calls.stop is None)  # fmt: skip
+                        and calls.stop is None, body=closure)  # fmt: skip
         region.captures = []
         region.gen = self._run_region(closure, calls, region)
         self.streams.append(region)

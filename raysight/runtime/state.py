@@ -69,6 +69,7 @@ class Stream:
     missed: Optional[dict] = None  # events it wanted that fired while it waited on something else
     moved: frozenset = frozenset()  # nodes of its body handed to a gradient or multi-call stream (`|=` rebinds)
     last_event: Optional[Event] = None  # the last event a read or write of this stream used
+    last_input: Optional[Event] = None  # the last input event a read of this stream used (`.inputs` after `.output`)
     stop_at: Optional[Event] = None  # the event at which a later `envoy.output.stop()` ends the pass (Node.stops)
     captures: Optional[list] = None  # a region's: [node index, value] pairs gradient streams take at each step's end
 
@@ -79,7 +80,8 @@ class Stream:
         self.body = body if body is not None else []
 
     def last_access(self) -> dict:
-        """(event key, call) -> the index of the last single-call read or write of it in this stream's body."""
+        """(event key, call) -> the index of the last single-call read or write of it in this stream's body; a
+        multi-call read (a region's, ``.all()``) counts for every call, as (event key, None)."""
         if self.wants is None:
             wants: dict[tuple, int] = {}
             stack = list(self.body)
@@ -87,9 +89,8 @@ class Stream:
                 node = stack.pop()
                 if node.op is READ or node.op is WRITE:
                     loc = node.target
-                    if type(loc.call) is int:
-                        want = ((loc.path, loc.is_input), loc.call)
-                        wants[want] = max(wants.get(want, -1), node.index)
+                    want = ((loc.path, loc.is_input), loc.call if type(loc.call) is int else None)
+                    wants[want] = max(wants.get(want, -1), node.index)
                 elif node.body is not None and node.op is not INVOKE:
                     stack.extend(node.body)
             self.wants = wants

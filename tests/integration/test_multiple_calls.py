@@ -156,6 +156,24 @@ def test_all_on_a_recurrent_model_collects_every_time_step(rnn_model, rnn, xseq)
     assert all(_close(v, o) for v, o in zip(acc.value, rec_outs))
 
 
+def test_input_read_after_output_under_all_is_each_calls_own_input(loop_model, loop, x4):
+    ins: list = []
+    handle = loop.cell.register_forward_pre_hook(lambda mod, a: ins.append(a[0].detach().clone()))
+    try:
+        outs, _ = all_calls_outputs(loop, loop.cell, x4)
+    finally:
+        handle.remove()
+    with loop_model.trace(x4):
+        got_out, got_in = raysight.list().save(), raysight.list().save()
+        with loop_model.cell.all():
+            got_out.append(loop_model.cell.output.clone())
+            got_in.append(loop_model.cell.input.clone())  # the input fired before the output it follows here
+    assert len(got_in.value) == len(ins) == 3
+    assert all(_close(v, i) for v, i in zip(got_in.value, ins))
+    assert all(_close(v, o) for v, o in zip(got_out.value, outs))
+    assert not _close(ins[1], ins[2])  # (the calls' inputs differ: each step got its own)
+
+
 def test_zeroing_under_all_affects_every_call(loop_model, loop, x4):
     want = run_with_call_hook(loop, loop.cell, lambda i, out: torch.zeros_like(out), x4)
     with loop_model.trace(x4):

@@ -1120,6 +1120,26 @@ def test_output_then_input_in_each_of_two_invokes(tiny, net, tx):
     assert _close(args[0], net.layer1(xb)) and kwargs == {}
 
 
+def test_input_then_output_then_inputs_of_the_same_module(tiny, net, tx):
+    """Reading a module's input, its output, then its input again as ``.inputs``: the input event was used by the
+    first read, and serves the last one too."""
+    with tiny.trace(tx):
+        first = tiny.layer2.input.save()
+        out = tiny.layer2.output.save()
+        args_kwargs = tiny.layer2.inputs.save()
+    args, kwargs = args_kwargs.value
+    assert _close(first.value, net.layer1(tx)) and _close(args[0], net.layer1(tx)) and kwargs == {}
+    assert _close(out.value, net(tx))
+
+
+def test_an_input_read_then_edited_after_its_modules_output_is_out_of_order(tiny, net, tx):
+    with pytest.raises(nnsight.OutOfOrderError, match="layer2.inputs"):
+        with tiny.trace(tx):
+            tiny.layer2.input.save()
+            tiny.layer2.output.save()
+            tiny.layer2.inputs[0][0][:] = 0
+
+
 def test_an_input_edited_after_its_modules_output_was_read_is_out_of_order(tiny, net, tx):
     """Zeroing the input once the module has run cannot take effect: an error, not a silent no-op."""
     with pytest.raises(nnsight.OutOfOrderError, match="layer2.input"):
