@@ -155,6 +155,7 @@ def assert_no_hooks(root: nn.Module) -> None:
         assert not m._forward_pre_hooks, f"forward pre-hook left on {name or 'root'}: {dict(m._forward_pre_hooks)}"
         flags = getattr(m, "_forward_pre_hooks_with_kwargs", None)
         assert not flags, f"pre-hook kwargs flag left on {name or 'root'}: {dict(flags)}"
+        assert not hasattr(m.__dict__.get("forward"), "_raysight_forward"), f"a run's forward left on {name or 'root'}"
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import torch
 from raysight.backends.base import InvokeInputs
 from raysight.envoy import Envoy
 from raysight.models.nnsight import NNsight
+from raysight.runtime.hooks import is_hooked
 from raysight.tracing.tracer import Tracer
 
 logger = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ class LanguageModel(NNsight):
         if method == "generate":
             kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
             streamer = self._generator_module.streamer
-            if streamer._forward_hooks or streamer._forward_pre_hooks:  # the graph reads it (beam search can't)
+            if is_hooked(streamer):  # the graph reads it (beam search can't)
                 kwargs["streamer"] = _StreamerBridge(streamer, kwargs.get("streamer"))
             ids = module.generate(*args, **kwargs)
             return self._generator_module(ids)

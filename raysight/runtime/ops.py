@@ -77,8 +77,9 @@ class Ops:
         device = _device_of(module)
         if device is not None:
             args, kwargs = _to_device((args, kwargs), device)
-        if not hook:
-            return module.forward(*args, **kwargs)
+        if not hook:  # the module's own forward, without this run's wrapper (hooks.py): no events
+            forward = module.forward
+            return getattr(forward, "_raysight_forward", forward)(*args, **kwargs)
         if not node.target and self.call_root is not None:  # the root's events come without hooks in this run
             return self.call_root(module, args, kwargs)
         return module(*args, **kwargs)

@@ -1,6 +1,7 @@
-"""How the runtime puts its hooks on modules: straight into torch's hook dicts when this torch keeps them there
-(what ``register_forward_hook`` fills, without the handle), or through torch's API otherwise. Both ways must give
-the values of hand-written hooks, run in registration order next to the user's own hooks, and leave nothing behind.
+"""How the runtime puts its hooks on modules: a wrapping instance ``forward`` on a module without hooks of its own
+(torch's fast call path), else straight into torch's hook dicts when this torch keeps them there (what
+``register_forward_hook`` fills, without the handle), or through torch's API otherwise. Every way must give the
+values of hand-written hooks, run in registration order next to the user's own hooks, and leave nothing behind.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ import pytest
 import torch
 from torch.utils.hooks import RemovableHandle
 
+import raysight
 import raysight.runtime.hooks as runtime_hooks
 from helpers import assert_no_hooks
 
 pytestmark = pytest.mark.local_only
 
 
-@pytest.fixture(params=["direct", "api"])
+@pytest.fixture(params=["wrap", "direct", "api"])
 def install(request: Any, monkeypatch: Any) -> str:
+    if request.param != "wrap":
+        monkeypatch.setattr(runtime_hooks, "WRAP", False)
     if request.param == "api":
         monkeypatch.setattr(runtime_hooks, "_DIRECT", False)
     else:
@@ -112,4 +116,72 @@ def test_a_module_that_cannot_be_found_midway_leaves_no_hooks(install: str, mode
     with pytest.raises(KeyError):
         hooks.__enter__()
     assert len(looked_up) == 2
+    assert_no_hooks(mlp)
+
+
+def test_a_module_without_hooks_gets_a_wrapping_forward_for_the_run_only(model: Any, mlp: Any,
+                                                                          x: torch.Tensor) -> None:  # fmt: skip
+    """No hook goes into torch's dicts (the module keeps torch's fast call path), the wrapper has the signature of
+    the module's own forward (HF's generate inspects it), and after the run the module's forward is its own."""
+    import inspect
+
+    seen = {}
+
+    def look(value: Any) -> Any:
+        seen["hooks"] = dict(mlp.layer1._forward_hooks), dict(mlp.layer1._forward_pre_hooks)
+        seen["signature"] = inspect.signature(mlp.layer1.forward)
+        seen["wrapped"] = "forward" in mlp.layer1.__dict__
+        return value
+
+    with model.trace(x):
+        hidden = raysight.apply(look, model.layer1.output).save()
+        model.layer1.input.save()
+    assert seen == {"hooks": ({}, {}), "signature": inspect.signature(torch.nn.Linear(1, 1).forward), "wrapped": True}
+    torch.testing.assert_close(hidden.value, mlp.layer1(x))
+    assert "forward" not in mlp.layer1.__dict__
+    assert_no_hooks(mlp)
+
+
+def test_a_forward_set_on_the_instance_is_wrapped_and_given_back(model: Any, mlp: Any, x: torch.Tensor) -> None:
+    """A module whose instance already has a forward (accelerate keeps its own there) is wrapped around it; the
+    run reads and edits what that forward gives, and the module has it back afterwards, on error too."""
+    own = mlp.layer1.forward
+
+    def doubled(inp: torch.Tensor) -> torch.Tensor:
+        return own(inp) * 2
+
+    mlp.layer1.forward = doubled
+    try:
+        with model.trace(x):
+            hidden = model.layer1.output.clone().save()
+            model.layer1.output[:, 0] = 0
+            logits = model.output.save()
+        assert mlp.layer1.__dict__["forward"] is doubled
+        h = torch.nn.functional.linear(x, mlp.layer1.weight, mlp.layer1.bias) * 2
+        torch.testing.assert_close(hidden.value, h)
+        h[:, 0] = 0
+        torch.testing.assert_close(logits.value, mlp.layer2(h))
+        with pytest.raises(IndexError):
+            with model.trace(x):
+                model.layer1.output[:, 99] = 0
+        assert mlp.layer1.__dict__["forward"] is doubled
+    finally:
+        del mlp.layer1.forward
+    assert_no_hooks(mlp)
+
+
+def test_a_global_module_hook_makes_the_run_use_real_hooks_after_it(model: Any, mlp: Any, x: torch.Tensor) -> None:
+    """With a global forward hook (torch.nn.modules.module.register_module_forward_hook) torch runs it before
+    every module's own hooks: the run's hooks go into the module's dicts, so the run sees what the global hook
+    returned, as a plain hook of the module would."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    handle = register_module_forward_hook(lambda m, a, o: o + 1 if m is mlp.layer1 else None)
+    try:
+        with model.trace(x):
+            hidden = model.layer1.output.save()
+        torch.testing.assert_close(hidden.value, mlp.layer1(x))  # (the global hook adds 1 to this call too)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(hidden.value, mlp.layer1(x) + 1)
     assert_no_hooks(mlp)

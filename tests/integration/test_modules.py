@@ -22,6 +22,16 @@ def test_ad_hoc_call_on_an_edited_value(model, mlp, x):
     assert torch.allclose(y.value, mlp.layer2(-mlp.layer1(x)))
 
 
+def test_ad_hoc_call_of_a_module_whose_output_is_read_does_not_feed_that_read(model, mlp, x):
+    """The ad-hoc call (on layer1's negated output) runs before the real call of layer2: without hook=True it
+    delivers no event, so layer2's own output is the real forward's."""
+    with model.trace(x):
+        again = model.layer2(model.layer1.output * -1).save()
+        out = model.layer2.output.save()
+    assert torch.allclose(again.value, mlp.layer2(-mlp.layer1(x)))
+    assert torch.allclose(out.value, mlp(x))
+
+
 @pytest.mark.same_process
 def test_ad_hoc_call_without_hook_does_not_fire_hooks(model, mlp, x, count_calls):
     with count_calls(mlp.layer2) as calls:

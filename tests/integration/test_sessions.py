@@ -32,6 +32,7 @@ def _assert_no_hooks(root: nn.Module) -> None:
     for name, m in root.named_modules():
         assert not m._forward_hooks, f"forward hook left on {name or 'root'}"
         assert not m._forward_pre_hooks, f"forward pre-hook left on {name or 'root'}"
+        assert not hasattr(m.__dict__.get("forward"), "_raysight_forward"), f"a run's forward left on {name or 'root'}"
         assert not getattr(m, "_forward_hooks_with_kwargs", None), f"kwargs hook left on {name or 'root'}"
 
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import raysight
-from helpers import MLP
+from helpers import MLP, assert_no_hooks
 from raysight.backends.base import InvokeInputs, Request
 from raysight.backends.wire import WireBackend, serve
 from raysight.graph.serialize import SCHEMA_VERSION, Limits, WireError, decode_request, encode_request
@@ -80,7 +80,7 @@ def test_restricted_mode_refuses_a_user_function_naming_it_and_the_line(model):
     with pytest.raises(WireError, match=r"restricted mode: the callable .*<lambda>.*test_serialize.py:\d+"):
         with model.trace(torch.randn(1, 5), backend=WireBackend(trusted=False)):
             raysight.apply(lambda t: t * 2, model.layer1.output).save()
-    assert not model._module.layer1._forward_hooks
+    assert_no_hooks(model._module)
 
 
 def test_restricted_mode_refuses_private_attributes(model):
@@ -129,7 +129,7 @@ def test_a_run_past_its_time_limit_stops_with_a_clear_error(model):
     with pytest.raises(raysight.RaysightError, match="time limit"):
         with model.trace(torch.randn(1, 5), backend=backend):
             model.layer1.output.save()
-    assert not model._module.layer1._forward_hooks
+    assert_no_hooks(model._module)
 
 
 def test_limits_validate_their_values():
@@ -169,7 +169,7 @@ def test_hostile_payloads_are_refused_with_a_wire_error(model, change, message):
     payload = _mutate(model, change)
     with pytest.raises(WireError, match=message):
         serve(payload, lambda i: model, Limits(), trusted=False)
-    assert not model._module.layer1._forward_hooks and not model._module._forward_hooks
+    assert_no_hooks(model._module)
 
 
 def test_truncated_and_garbage_payloads_are_refused(model):
@@ -192,8 +192,7 @@ def test_fuzzed_payloads_never_crash_the_server_or_leave_hooks(model, data):
         serve(bytes(payload), lambda i: model, Limits(max_seconds=5), trusted=False)
     except raysight.RaysightError:
         pass  # refused, or the intervention failed on the server: both are raysight errors
-    for module in model._module.modules():
-        assert not module._forward_hooks and not module._forward_pre_hooks
+    assert_no_hooks(model._module)
 
 
 def test_a_saved_tensor_keeps_its_grad_through_the_reply():
