@@ -144,6 +144,11 @@ class Envoy:
     def path(self) -> str:
         return self._path
 
+    @property
+    def _module_path(self) -> str:
+        """nnsight 0.4's form of the path: ``""`` for the root, ``".transformer.h.0"`` below it."""
+        return f".{self._path}" if self._path else ""
+
     def get(self, path: str) -> Any:
         """What a dotted path below this envoy names: ``model.get("transformer.h.0")`` is the envoy,
         ``model.get("transformer.h.0.output")`` inside a trace the proxy of its output."""

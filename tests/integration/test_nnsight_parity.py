@@ -364,6 +364,15 @@ def test_model_private_model_attribute_is_the_wrapped_module(tiny, net):
     assert tiny._model is net
 
 
+def test_envoy_module_path_has_nnsights_leading_dot(gpt2):
+    """nnsight 0.4's Envoy._module_path: "" for the root, ".transformer.h.0" below it (the same module's path in
+    the model's own named_modules, with a leading dot)."""
+    names = dict(gpt2._model.named_modules())
+    block = gpt2.transformer.h[0]
+    assert gpt2._module_path == "" and block._module_path == ".transformer.h.0"
+    assert names[block._module_path[1:]] is block._module
+
+
 def test_modulelist_output_is_the_list_of_its_childrens_outputs():
     torch.manual_seed(0)
 
