@@ -80,6 +80,40 @@ def served_models_kept(live: list, models: Any) -> Iterator[None]:
             logger.info("restored %d parameter(s) of the served model that the request changed", changed)
 
 
+@contextlib.contextmanager
+def client_modes(models: list[tuple[Any, Optional[list]]]) -> Iterator[None]:
+    """Run a request with each model's modules in the client's training modes (``(model, paths of the modules in
+    training mode)``; None leaves a model as served); the server's modes come back when it ends, and so do the
+    buffers of a model that ran in training mode (BatchNorm's running statistics)."""
+    changed: list[tuple[torch.nn.Module, bool]] = []
+    buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for model, training in models:
+            if training is None:
+                continue
+            modules = dict(model._module.named_modules())
+            unknown = sorted(set(training) - modules.keys())
+            if unknown:
+                raise WireError(f"the request puts module(s) {unknown[:3]} in training mode, but the served "
+                                f"{type(model._module).__name__} has no such module; is the pool serving this model?")
+            wanted = set(training)
+            for name, module in modules.items():
+                flag = name in wanted
+                if module.training != flag:
+                    changed.append((module, module.training))
+                    module.training = flag
+            if training:
+                buffers.extend((b, b.detach().to("cpu", copy=True)) for b in model._module.buffers())
+        yield
+    finally:
+        for module, flag in reversed(changed):
+            module.training = flag
+        with torch.no_grad():
+            for buffer, value in buffers:
+                if not torch.equal(buffer.detach().cpu(), value):
+                    buffer.copy_(value)
+
+
 def relay_logs(logs: Any) -> None:
     """Print on the client what ``tracer.log`` printed where the graph ran (as a local run prints it)."""
     for text in [logs] if isinstance(logs, str) else logs:
@@ -93,8 +127,9 @@ def _serve(payload: bytes, resolve_model: Callable[[int], Any], limits: Limits, 
     models = {i: resolve_model(i) for i in range(len(decoded.models))}
     for i, model in models.items():
         model.__dict__["_edits"] = decoded.edits.get(i, [])  # the client's persistent edits, for this request
-    with served_models_kept(decoded.live, models.values()):
-        return _run(decoded, models, limits, logs)
+    with client_modes([(m, decoded.models[i].training) for i, m in models.items()]):
+        with served_models_kept(decoded.live, models.values()):
+            return _run(decoded, models, limits, logs)
 
 
 def _run(decoded: Any, models: dict, limits: Limits, logs: Any) -> bytes:
@@ -126,8 +161,9 @@ def serve_part(payload: bytes, resolve_model: Callable[[int], Any], limits: Limi
         decoded = decode_request(payload, limits, trusted, resolve_model)
         for i in part["models"]:
             resolve_model(i).__dict__["_edits"] = decoded.edits.get(i, [])
-        with served_models_kept(decoded.live, [resolve_model(i) for i in part["models"]]):
-            return _run_part(decoded, limits, part, given, logs)
+        with client_modes([(resolve_model(i), decoded.models[i].training) for i in part["models"]]):
+            with served_models_kept(decoded.live, [resolve_model(i) for i in part["models"]]):
+                return _run_part(decoded, limits, part, given, logs)
     except BaseException as exc:
         exc._raysight_logs = logs.getvalue()  # type: ignore[attr-defined]
         raise

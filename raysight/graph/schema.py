@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict
 
 from raysight.errors import RaysightError
 
-SCHEMA_VERSION = 3  # 2: tensors carry an `id`; 3: `model_param` / `model_module` reference the server's own
+SCHEMA_VERSION = 4  # 2: tensors carry an `id`; 3: `model_param` / `model_module` reference the server's own
+# objects; 4: each model carries the client's `training` modes
 
 
 class WireError(RaysightError, ValueError):
@@ -70,6 +71,9 @@ class WireModel(_Strict):
 
     id: str
     edits: list[WireGraph] = []
+    # the paths of the modules in training mode on the client ("" the root); the others run in eval mode. None:
+    # the server's own modes
+    training: Optional[list[str]] = None
 
 
 class WireRequest(_Strict):

@@ -199,6 +199,15 @@ def _encode_tensor(t: torch.Tensor, frames: Optional[list] = None) -> dict:
     return out
 
 
+def training_modes(model: Any) -> Optional[list[str]]:
+    """The paths of ``model``'s modules in training mode (``model.train()`` / ``.eval()`` on the client): a server
+    runs the request in the same modes, so dropout and batch norm behave as they would here."""
+    module = getattr(model, "_module", None)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    return [name for name, m in module.named_modules() if m.training]
+
+
 def encode_request(request: Any, models: list[Any], trusted: bool = True, model: Any = None) -> bytes:
     """Encode a :class:`~raysight.backends.base.Request` (``model`` is the traced model, None for a session)."""
     enc = _Encoder(trusted, models)
@@ -210,8 +219,8 @@ def encode_request(request: Any, models: list[Any], trusted: bool = True, model:
     enc.node = None
     invokes = [WireInvoke(**enc.invoke(inv)) for inv in request.invokes]
     forward = enc.value(request.forward_kwargs)
-    wire_models = [WireModel(id=str(i), edits=[enc.graph(g) for g in getattr(m, "_edits", [])])
-                   for i, m in enumerate(enc.models)]  # fmt: skip
+    wire_models = [WireModel(id=str(i), edits=[enc.graph(g) for g in getattr(m, "_edits", [])],
+                             training=training_modes(m)) for i, m in enumerate(enc.models)]  # fmt: skip
     wire = WireRequest(version=SCHEMA_VERSION, method=request.method, graph=graph, invokes=invokes,
                        forward_kwargs=forward, model=model_index, models=wire_models)  # fmt: skip
     return msgpack.packb(wire.model_dump(), use_bin_type=True)

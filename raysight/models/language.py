@@ -98,6 +98,7 @@ class LanguageModel(NNsight):
                 with torch.device("meta"):
                     module = auto.from_config(config, **({"dtype": load_kwargs["dtype"]} if "dtype" in load_kwargs
                                                           else {}))  # fmt: skip
+                module.eval()  # as from_pretrained leaves the model it loads (a remote run uses the client's modes)
                 loaded = False
         d = self.__dict__
         d["_source"] = source
@@ -118,6 +119,9 @@ class LanguageModel(NNsight):
         """Load the real weights now (``from_pretrained`` with this model's ``device_map`` and dtype)."""
         if not self._dispatched:
             module = _load_weights(self._auto, self._source, self._load_kwargs)
+            modes = {name: m.training for name, m in self._module.named_modules()}
+            for name, m in module.named_modules():  # `model.train()` before the weights were loaded still holds
+                m.training = modes.get(name, m.training)
             self._rebuild(module)
             self.__dict__["_dispatched"] = True
         return self

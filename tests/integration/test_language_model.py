@@ -39,6 +39,19 @@ def test_construction_builds_on_the_meta_device(gpt2_path):
     assert model.transformer.wte.weight.device.type == "meta"
 
 
+def test_the_meta_model_is_in_eval_mode_as_from_pretrained_leaves_it(gpt2_path, gpt2_ref):
+    """A remote run uses the client's training modes, so the shape on the meta device is in eval mode, as the model
+    from_pretrained loads; a mode set before the weights are loaded holds after."""
+    model = raysight.LanguageModel(str(gpt2_path))
+    assert not gpt2_ref.training
+    assert not any(m.training for m in hf_module(model).modules())
+    hf_module(model).transformer.h[1].train()
+    model.dispatch()
+    assert hf_module(model).transformer.wte.weight.device.type == "cpu"
+    trained = sorted(name for name, m in hf_module(model).named_modules() if m.training)
+    assert trained == sorted(name for name, _ in gpt2_ref.transformer.h[1].named_modules(prefix="transformer.h.1"))
+
+
 def test_printing_works_without_weights(gpt2_path, gpt2_ref):
     model = raysight.LanguageModel(str(gpt2_path))
     text = str(model)

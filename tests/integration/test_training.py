@@ -534,6 +534,50 @@ def test_gradients_of_the_model_do_not_outlive_a_remote_run(wrapped, net, data, 
         _assert_same_state(net, untrained)
 
 
+# -- training mode --------------------------------------------------------------------------------------------
+class _Normed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.norm = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.lin(x))
+
+
+def test_the_run_uses_the_clients_training_mode_and_leaves_the_served_buffers(backend):
+    """``module.train()`` / ``.eval()`` on the client, after the model is already served: the run uses those modes
+    (BatchNorm normalizes by the batch in training mode, by its running statistics in eval mode). Locally the
+    training-mode pass updates the running statistics, as in plain PyTorch; a server gives its model back with
+    them (and its modes) as they were served."""
+    torch.manual_seed(0)
+    net = _Normed().eval()
+    x = torch.randn(6, 4) * 3 + 1
+    oracle = copy.deepcopy(net)
+    served = copy.deepcopy(net.state_dict())
+    model = raysight.NNsight(net)
+    with model.trace(x):  # (the first remote run puts the model, in eval mode, on its server)
+        first = model.output.save()
+    net.norm.train()
+    with model.trace(x):
+        trained_mode = model.output.save()
+    net.eval()
+    with model.trace(x):
+        last = model.output.save()
+    with torch.no_grad():
+        eval_out = oracle(x)
+        oracle.norm.train()
+        train_out = oracle(x)  # (updates the oracle's running statistics)
+        oracle.eval()
+        if backend != "local":
+            oracle.load_state_dict(served)
+        after = oracle(x)
+    assert torch.allclose(_val(first), eval_out, atol=1e-5)
+    assert torch.allclose(_val(trained_mode), train_out, atol=1e-5)
+    assert not torch.allclose(train_out, eval_out, atol=1e-2)
+    assert torch.allclose(_val(last), after, atol=1e-5)
+
+
 # -- errors -----------------------------------------------------------------------------------------------------
 def test_optimizer_over_non_leaf_tensor_error_names_the_line(wrapped, net, data):
     x, _ = data

@@ -162,6 +162,7 @@ def _mutate(model, change):
         (lambda r: r["graph"]["nodes"][2].update(target={"$": "eval"}), "unknown value tag 'eval'"),
         (lambda r: r["invokes"][0]["args"]["items"][0].update(shape=[1000, 1000]), "do not match shape"),
         (lambda r: r.update(extra=1), "does not match the schema"),
+        (lambda r: r["models"][0].update(training=["", "layer7"]), r"\['layer7'\] in training mode.*no such module"),
         (lambda r: r["invokes"][0]["args"]["items"][0].update(id="x"), "a tensor's id must be an int"),
     ],
 )
@@ -294,3 +295,16 @@ def test_a_generator_in_the_graph_is_refused_with_the_fix(model):
     with pytest.raises(WireError, match=r"generator value .*test_serialize.py.*make it a list"):
         with model.trace(torch.randn(1, 5), backend=WireBackend()):
             raysight.apply(len, model._module.parameters()).save()
+
+
+def test_a_request_carries_the_clients_training_modes(model):
+    """The paths of the modules in training mode travel with each model (schema version 4); all eval: empty."""
+    model._module.eval()
+    model._module.layer2.train()
+    raw = msgpack.unpackb(encode_request(_record(model, torch.randn(1, 5)), [], model=model), raw=False,
+                          strict_map_key=False)  # fmt: skip
+    assert raw["version"] == 4 and raw["models"][0]["training"] == ["layer2"]
+    model._module.eval()
+    raw = msgpack.unpackb(encode_request(_record(model, torch.randn(1, 5)), [], model=model), raw=False,
+                          strict_map_key=False)  # fmt: skip
+    assert raw["models"][0]["training"] == []
