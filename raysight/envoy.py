@@ -42,20 +42,32 @@ class _ModuleValue:
 _VALUE_NAMES = ("output", "input", "inputs")
 _NNS_NAMES = ("nns_output", "nns_input", "nns_inputs")
 # module methods that change training state: called while a trace or session records, they record (a training
-# loop's `model.zero_grad()` runs at each step, where the model is), instead of running once, now, on this side
-_RECORDED_METHODS = frozenset({"zero_grad"})
+# loop's `model.zero_grad()` runs at each step, where the model is; `model.train()` ... `model.eval()` switch modes
+# in program order, on the server for a remote run), instead of running once, now, on this side
+_RECORDED_METHODS = frozenset({"zero_grad", "train", "eval", "requires_grad_"})
 
 
 class _RecordedMethod:
-    """``envoy.zero_grad`` while recording: calling it records the call on the module (sent by reference)."""
+    """``envoy.zero_grad`` (``.train``, ...) while recording: calling it records the call on the module (sent by
+    reference); ``train``/``eval``/``requires_grad_`` give the envoy back, as the module's methods give the module."""
 
-    __slots__ = ("rec", "fn", "module")
+    __slots__ = ("rec", "fn", "module", "envoy")
 
-    def __init__(self, rec: Any, fn: Any, module: torch.nn.Module) -> None:
-        self.rec, self.fn, self.module = rec, fn, module
+    def __init__(self, rec: Any, fn: Any, module: torch.nn.Module, envoy: Any) -> None:
+        self.rec, self.fn, self.module, self.envoy = rec, fn, module, envoy
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.rec.record(CALL_FUNCTION, self.fn, (self.module, *args), kwargs)
+        proxy = self.rec.record(CALL_FUNCTION, self.fn, (self.module, *args), kwargs)
+        return proxy if self.fn.__name__ == "zero_grad" else self.envoy
+
+
+def recorded_method(envoy: Any, name: str) -> Optional[_RecordedMethod]:
+    """The recording form of ``envoy.<name>`` (one of _RECORDED_METHODS) while a trace or session records."""
+    rec = current_recorder()
+    if rec is None or not rec.recording:
+        return None
+    module = envoy.__dict__["_module"]
+    return _RecordedMethod(rec, getattr(type(module), name), module, envoy)
 
 
 class Envoy:
@@ -231,9 +243,9 @@ class Envoy:
                 f"submodules are: {children}. Print the model to see its tree."
             ) from None
         if name in _RECORDED_METHODS:
-            rec = current_recorder()
-            if rec is not None and rec.recording:
-                return _RecordedMethod(rec, getattr(type(module), name), module)
+            recorded = recorded_method(self, name)
+            if recorded is not None:
+                return recorded
         if isinstance(value, torch.Tensor):
             rec = current_recorder()
             model = getattr(rec, "model", None) if rec is not None and rec.recording else None

@@ -56,14 +56,14 @@ def edits_set_aside(model: Any) -> Iterator[Any]:
 def served_models_kept(live: list, models: Any) -> Iterator[None]:
     """Run a request without changing what the server serves: the parameters it references (``live``, an optimizer
     stepping ``model.layer.parameters()``) get their values and ``requires_grad`` back when it ends, and every
-    parameter of ``models`` its ``.grad``. Within the request the changes show (later traces of a training session
-    see the trained weights); the next caller of the pool gets the model as it was served. The values are kept on
-    the CPU. A run that wants its trained weights saves them (they come back as values)."""
+    parameter of ``models`` its ``.grad`` and ``requires_grad``. Within the request the changes show (later traces
+    of a training session see the trained weights); the next caller of the pool gets the model as it was served.
+    The values are kept on the CPU. A run that wants its trained weights saves them (they come back as values)."""
     kept: dict[int, tuple[torch.nn.Parameter, torch.Tensor, bool]] = {}
     for param in live:
         if id(param) not in kept:
             kept[id(param)] = (param, param.detach().to("cpu", copy=True), param.requires_grad)
-    grads = [(p, p.grad) for model in models for p in model._module.parameters()]
+    grads = [(p, p.grad, p.requires_grad) for model in models for p in model._module.parameters()]
     try:
         yield
     finally:
@@ -74,8 +74,10 @@ def served_models_kept(live: list, models: Any) -> Iterator[None]:
                     param.copy_(value)
                     changed += 1
                 param.requires_grad_(requires_grad)
-        for param, grad in grads:
+        for param, grad, requires_grad in grads:  # (`model.layer.requires_grad_(False)` recorded in a session)
             param.grad = grad
+            if param.requires_grad != requires_grad:
+                param.requires_grad_(requires_grad)
         if changed:
             logger.info("restored %d parameter(s) of the served model that the request changed", changed)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import torch
+
 from raysight.graph.graph import Graph
 from raysight.graph.node import Node, Op, map_nodes
 
@@ -162,9 +164,13 @@ def _splittable(graph: Graph) -> bool:
         target = node.target
         if node.op is Op.CALL_FUNCTION and getattr(target, "__module__", "").startswith("torch.optim"):
             return False
+        if node.op is Op.CALL_FUNCTION and any(target is m for m in _MODULE_STATE_METHODS):
+            return False  # `model.train()`, `model.layer.requires_grad_(False)`: the served model's state
     return True
 
 
+_MODULE_STATE_METHODS = (torch.nn.Module.train, torch.nn.Module.eval, torch.nn.Module.requires_grad_,
+                         torch.nn.Module.zero_grad)  # fmt: skip
 _IN_PLACE_OPERATORS = {"setitem", "delitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow",
                        "iand", "ior", "ixor", "ilshift", "irshift", "imatmul"}  # fmt: skip
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from raysight.backends.base import InvokeInputs
-from raysight.envoy import Envoy
+from raysight.envoy import Envoy, recorded_method
 from raysight.runtime.batching import batch_size_of, concatenate_inputs
 from raysight.runtime.ops import _to_device
 from raysight.tracing.tracer import Tracer
@@ -48,15 +48,25 @@ class NNsight(Envoy):
         self._module.to(*args, **kwargs)
         return self
 
+    # (inside a trace or session these three record, and run in program order where the model runs: envoy.py)
     def eval(self) -> "NNsight":
+        recorded = recorded_method(self, "eval")
+        if recorded is not None:
+            return recorded()
         self._module.eval()
         return self
 
     def train(self, mode: bool = True) -> "NNsight":
+        recorded = recorded_method(self, "train")
+        if recorded is not None:
+            return recorded(mode)
         self._module.train(mode)
         return self
 
     def requires_grad_(self, requires_grad: bool = True) -> "NNsight":
+        recorded = recorded_method(self, "requires_grad_")
+        if recorded is not None:
+            return recorded(requires_grad)
         self._module.requires_grad_(requires_grad)
         return self
 

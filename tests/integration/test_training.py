@@ -578,6 +578,75 @@ def test_the_run_uses_the_clients_training_mode_and_leaves_the_served_buffers(ba
     assert torch.allclose(_val(last), after, atol=1e-5)
 
 
+def test_train_and_eval_inside_a_session_switch_modes_in_program_order(backend):
+    """``model.norm.train()`` and ``model.eval()`` written between a session's traces record, so each trace runs in
+    the mode the code before it set (they do not run at once on the client, where every trace would see the last
+    one); a trace can switch a mode before its forward pass too."""
+    torch.manual_seed(0)
+    net = _Normed().eval()
+    x = torch.randn(6, 4) * 3 + 1
+    oracle = copy.deepcopy(net)
+    model = raysight.NNsight(net)
+    with model.session() as session:
+        with model.trace(x):
+            first = model.output.save()
+        returned = model.norm.train()
+        with model.trace(x):
+            second = model.output.save()
+        model.eval()
+        with model.trace(x):
+            third = model.output.save()
+    assert returned is model.norm
+    assert not net.training and not net.norm.training  # (locally the last switch ran; remotely none did here)
+    with model.trace(x):
+        model.norm.train()
+        fourth = model.output.save()
+    with torch.no_grad():
+        want = [oracle(x)]
+        oracle.norm.train()
+        want.append(oracle(x))
+        oracle.eval()
+        want.append(oracle(x))
+        oracle.norm.train()
+        want.append(oracle(x))
+    got = [_val(v) for v in (first, second, third, fourth)]
+    assert [torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want)] == [True] * 4
+    assert not torch.allclose(want[0], want[1], atol=1e-2)
+    assert session is not None
+
+
+def test_requires_grad_inside_a_session_takes_effect_there_and_not_after_a_remote_run(backend):
+    """``model.lin.requires_grad_(False)`` recorded in a session: the backward pass after it leaves ``lin`` without
+    gradients (plain PyTorch); a server gives its parameters their ``requires_grad`` back when the run ends, so a
+    later session's backward pass reaches ``lin`` again there, while locally it stays off."""
+    torch.manual_seed(0)
+    net = _Normed().eval().requires_grad_(True)
+    x = torch.randn(6, 4)
+    model = raysight.NNsight(net)
+    with model.session():
+        model.lin.requires_grad_(False)
+        with model.trace(x):
+            model.output.sum().backward()
+            lin_grad = model.lin.weight.grad.save()
+            norm_grad = model.norm.weight.grad.save()
+    oracle = copy.deepcopy(net)
+    oracle.lin.requires_grad_(False)
+    oracle(x).sum().backward()
+    assert lin_grad.value is None and oracle.lin.weight.grad is None
+    assert torch.allclose(norm_grad.value, oracle.norm.weight.grad, atol=1e-6)
+    with model.session():
+        with model.trace(x):
+            model.output.sum().backward()
+            again = model.lin.weight.grad.save()
+    if backend == "local":
+        assert again.value is None and not net.lin.weight.requires_grad
+    else:
+        fresh = copy.deepcopy(net).requires_grad_(True)
+        fresh.zero_grad(set_to_none=True)
+        fresh(x).sum().backward()
+        assert torch.allclose(again.value, fresh.lin.weight.grad, atol=1e-6)
+
+
 # -- errors -----------------------------------------------------------------------------------------------------
 def test_optimizer_over_non_leaf_tensor_error_names_the_line(wrapped, net, data):
     x, _ = data

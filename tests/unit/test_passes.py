@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import pytest
 import torch
 from helpers import MLP
 
@@ -98,6 +99,24 @@ def test_a_training_session_stays_whole(mlp: MLP) -> None:
 
     parts = split_session(recorded(model, body), one_place)
     assert len(parts) == 1
+
+
+@pytest.mark.parametrize("switch", ["train", "eval", "requires_grad_", "zero_grad"])
+def test_a_session_that_changes_the_models_state_stays_whole(mlp: MLP, switch: str) -> None:
+    """``model.train()`` (``eval``, ``requires_grad_``, ``zero_grad``) between independent traces changes the served
+    model itself: the traces after it must run where it ran."""
+    model, x = raysight.NNsight(mlp), torch.randn(2, 5)
+
+    def body(session: Any, switch: str = "") -> None:
+        with model.trace(x):
+            model.output.save()
+        if switch:
+            getattr(model.layer1, switch)()
+        with model.trace(x + 1):
+            model.output.save()
+
+    assert len(split_session(recorded(model, body), one_place)) == 2  # (independent traces split)
+    assert len(split_session(recorded(model, lambda s: body(s, switch)), one_place)) == 1
 
 
 def test_a_session_that_stops_itself_stays_whole_but_a_loop_stop_does_not(mlp: MLP) -> None:
