@@ -83,14 +83,31 @@ def served_models_kept(live: list, models: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def client_modes(models: list[tuple[Any, Optional[list]]]) -> Iterator[None]:
-    """Run a request with each model's modules in the client's training modes (``(model, paths of the modules in
-    training mode)``; None leaves a model as served); the server's modes come back when it ends, and so do the
-    buffers of a model that ran in training mode (BatchNorm's running statistics)."""
+def client_modes(models: list[tuple[Any, Any]]) -> Iterator[None]:
+    """Run a request with each model (``(model, its WireModel)``) as the client has it: its modules in the client's
+    training modes, its parameters requiring grad as there (None: as served). The server's modes and flags come
+    back when it ends, and so do the buffers of a model that ran in training mode (BatchNorm's running
+    statistics)."""
     changed: list[tuple[torch.nn.Module, bool]] = []
+    flags: list[tuple[torch.nn.Parameter, bool]] = []
     buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
-        for model, training in models:
+        for model, wire in models:
+            frozen = wire.frozen
+            if frozen is not None:
+                params = dict(model._module.named_parameters())
+                unknown = sorted(set(frozen) - params.keys())
+                if unknown:
+                    raise WireError(f"the request freezes parameter(s) {unknown[:3]}, but the served "
+                                    f"{type(model._module).__name__} has no such parameter; is the pool serving "
+                                    "this model?")  # fmt: skip
+                frozen = set(frozen)
+                for name, param in params.items():
+                    wanted = name not in frozen
+                    if param.requires_grad != wanted:
+                        flags.append((param, param.requires_grad))
+                        param.requires_grad_(wanted)
+            training = wire.training
             if training is None:
                 continue
             modules = dict(model._module.named_modules())
@@ -110,6 +127,8 @@ def client_modes(models: list[tuple[Any, Optional[list]]]) -> Iterator[None]:
     finally:
         for module, flag in reversed(changed):
             module.training = flag
+        for param, flag in reversed(flags):
+            param.requires_grad_(flag)
         with torch.no_grad():
             for buffer, value in buffers:
                 if not torch.equal(buffer.detach().cpu(), value):
@@ -129,7 +148,7 @@ def _serve(payload: bytes, resolve_model: Callable[[int], Any], limits: Limits, 
     models = {i: resolve_model(i) for i in range(len(decoded.models))}
     for i, model in models.items():
         model.__dict__["_edits"] = decoded.edits.get(i, [])  # the client's persistent edits, for this request
-    with client_modes([(m, decoded.models[i].training) for i, m in models.items()]):
+    with client_modes([(m, decoded.models[i]) for i, m in models.items()]):
         with served_models_kept(decoded.live, models.values()):
             return _run(decoded, models, limits, logs)
 
@@ -163,7 +182,7 @@ def serve_part(payload: bytes, resolve_model: Callable[[int], Any], limits: Limi
         decoded = decode_request(payload, limits, trusted, resolve_model)
         for i in part["models"]:
             resolve_model(i).__dict__["_edits"] = decoded.edits.get(i, [])
-        with client_modes([(resolve_model(i), decoded.models[i].training) for i in part["models"]]):
+        with client_modes([(resolve_model(i), decoded.models[i]) for i in part["models"]]):
             with served_models_kept(decoded.live, [resolve_model(i) for i in part["models"]]):
                 return _run_part(decoded, limits, part, given, logs)
     except BaseException as exc:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from raysight.errors import RaysightError
 
 SCHEMA_VERSION = 4  # 2: tensors carry an `id`; 3: `model_param` / `model_module` reference the server's own
-# objects; 4: each model carries the client's `training` modes
+# objects; 4: each model carries the client's `training` modes and `frozen` parameters
 
 
 class WireError(RaysightError, ValueError):
@@ -74,6 +74,9 @@ class WireModel(_Strict):
     # the paths of the modules in training mode on the client ("" the root); the others run in eval mode. None:
     # the server's own modes
     training: Optional[list[str]] = None
+    # the names of the parameters that do not require grad on the client (a frozen base model); the others do.
+    # None: the server's own flags
+    frozen: Optional[list[str]] = None
 
 
 class WireRequest(_Strict):

@@ -208,6 +208,15 @@ def training_modes(model: Any) -> Optional[list[str]]:
     return [name for name, m in module.named_modules() if m.training]
 
 
+def frozen_parameters(model: Any) -> Optional[list[str]]:
+    """The names of ``model``'s parameters that do not require grad (``model.requires_grad_(False)`` on the client,
+    a LoRA's frozen base): a server runs the request with the same flags, so it computes no gradients for them."""
+    module = getattr(model, "_module", None)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    return [name for name, p in module.named_parameters() if not p.requires_grad]
+
+
 def encode_request(request: Any, models: list[Any], trusted: bool = True, model: Any = None) -> bytes:
     """Encode a :class:`~raysight.backends.base.Request` (``model`` is the traced model, None for a session)."""
     enc = _Encoder(trusted, models)
@@ -220,7 +229,8 @@ def encode_request(request: Any, models: list[Any], trusted: bool = True, model:
     invokes = [WireInvoke(**enc.invoke(inv)) for inv in request.invokes]
     forward = enc.value(request.forward_kwargs)
     wire_models = [WireModel(id=str(i), edits=[enc.graph(g) for g in getattr(m, "_edits", [])],
-                             training=training_modes(m)) for i, m in enumerate(enc.models)]  # fmt: skip
+                             training=training_modes(m), frozen=frozen_parameters(m))
+                   for i, m in enumerate(enc.models)]  # fmt: skip
     wire = WireRequest(version=SCHEMA_VERSION, method=request.method, graph=graph, invokes=invokes,
                        forward_kwargs=forward, model=model_index, models=wire_models)  # fmt: skip
     return msgpack.packb(wire.model_dump(), use_bin_type=True)

@@ -647,6 +647,33 @@ def test_requires_grad_inside_a_session_takes_effect_there_and_not_after_a_remot
         assert torch.allclose(again.value, fresh.lin.weight.grad, atol=1e-6)
 
 
+def test_parameters_frozen_on_the_client_get_no_gradient_where_the_model_runs(backend):
+    """``requires_grad_(False)`` on the client's module after the model was served (a LoRA's frozen base): the run
+    computes no gradient for those parameters (the others get plain PyTorch's), and unfreezing takes effect too."""
+    torch.manual_seed(0)
+    net = _Normed().eval().requires_grad_(True)
+    x = torch.randn(6, 4)
+    model = raysight.NNsight(net)
+
+    def grads() -> tuple:
+        with model.trace(x):
+            model.output.sum().backward()
+            lin, norm = model.lin.weight.grad.save(), model.norm.weight.grad.save()
+        net.zero_grad(set_to_none=True)
+        return lin.value, norm.value
+
+    grads()  # (serves the model with every parameter requiring grad)
+    net.lin.requires_grad_(False)
+    frozen_lin, norm = grads()
+    net.lin.requires_grad_(True)
+    lin_again, _ = grads()
+    oracle = copy.deepcopy(net)
+    oracle(x).sum().backward()
+    assert frozen_lin is None
+    assert torch.allclose(norm, oracle.norm.weight.grad, atol=1e-6)
+    assert torch.allclose(lin_again, oracle.lin.weight.grad, atol=1e-6)
+
+
 # -- errors -----------------------------------------------------------------------------------------------------
 def test_optimizer_over_non_leaf_tensor_error_names_the_line(wrapped, net, data):
     x, _ = data

@@ -163,6 +163,7 @@ def _mutate(model, change):
         (lambda r: r["invokes"][0]["args"]["items"][0].update(shape=[1000, 1000]), "do not match shape"),
         (lambda r: r.update(extra=1), "does not match the schema"),
         (lambda r: r["models"][0].update(training=["", "layer7"]), r"\['layer7'\] in training mode.*no such module"),
+        (lambda r: r["models"][0].update(frozen=["layer1.nope"]), r"freezes parameter\(s\) \['layer1.nope'\]"),
         (lambda r: r["invokes"][0]["args"]["items"][0].update(id="x"), "a tensor's id must be an int"),
     ],
 )
@@ -303,7 +304,7 @@ def test_a_request_carries_the_clients_training_modes(model):
     model._module.layer2.train()
     raw = msgpack.unpackb(encode_request(_record(model, torch.randn(1, 5)), [], model=model), raw=False,
                           strict_map_key=False)  # fmt: skip
-    assert raw["version"] == 4 and raw["models"][0]["training"] == ["layer2"]
+    assert raw["version"] == 4 and raw["models"][0]["training"] == ["layer2"] and raw["models"][0]["frozen"] == []
     model._module.eval()
     raw = msgpack.unpackb(encode_request(_record(model, torch.randn(1, 5)), [], model=model), raw=False,
                           strict_map_key=False)  # fmt: skip
