@@ -37,7 +37,10 @@ def _hf(path: pathlib.Path) -> tuple[Any, Any]:
     return AutoModelForCausalLM.from_pretrained(str(path)).eval(), AutoTokenizer.from_pretrained(str(path))
 
 
-def test_extract_job_writes_every_blocks_hidden_states(tiny_gpt2_4: pathlib.Path, tmp_path: pathlib.Path) -> None:
+def test_extract_job_writes_every_blocks_hidden_states(tiny_gpt2_4: pathlib.Path, tmp_path: pathlib.Path,
+                                                      ray_cluster: Any) -> None:  # fmt: skip
+    """(The job starts Ray when none is running: the test session's cluster, whose workers import the test
+    helpers, must be the one, or later tests that use it would get the job's.)"""
     out = tmp_path / "out"
     assert job("extract").main(["--model", str(tiny_gpt2_4), "--rows", "6", "--batch-size", "4", "--output", str(out),
                                 "--layers", "0,3", "--local"]) == 0  # fmt: skip
