@@ -199,22 +199,27 @@ def _encode_tensor(t: torch.Tensor, frames: Optional[list] = None) -> dict:
     return out
 
 
-def training_modes(model: Any) -> Optional[list[str]]:
-    """The paths of ``model``'s modules in training mode (``model.train()`` / ``.eval()`` on the client): a server
-    runs the request in the same modes, so dropout and batch norm behave as they would here."""
+def client_state(model: Any) -> tuple[Optional[list[str]], Optional[list[str]]]:
+    """The paths of ``model``'s modules in training mode (``model.train()`` / ``.eval()`` on the client) and the
+    names of its parameters that do not require grad (``requires_grad_(False)``, a LoRA's frozen base), as
+    ``named_modules`` / ``named_parameters`` name them: a server runs the request in the same state, so dropout and
+    batch norm behave as here and no gradient is computed for a frozen parameter. One walk of the module tree."""
     module = getattr(model, "_module", None)
     if not isinstance(module, torch.nn.Module):
-        return None
-    return [name for name, m in module.named_modules() if m.training]
-
-
-def frozen_parameters(model: Any) -> Optional[list[str]]:
-    """The names of ``model``'s parameters that do not require grad (``model.requires_grad_(False)`` on the client,
-    a LoRA's frozen base): a server runs the request with the same flags, so it computes no gradients for them."""
-    module = getattr(model, "_module", None)
-    if not isinstance(module, torch.nn.Module):
-        return None
-    return [name for name, p in module.named_parameters() if not p.requires_grad]
+        return None, None
+    training: list[str] = []
+    frozen: list[str] = []
+    seen: set[int] = set()
+    for path, m in module.named_modules():
+        if m.training:
+            training.append(path)
+        for name, p in m._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if not p.requires_grad:
+                frozen.append(f"{path}.{name}" if path else name)
+    return training, frozen
 
 
 def encode_request(request: Any, models: list[Any], trusted: bool = True, model: Any = None) -> bytes:
@@ -228,9 +233,11 @@ def encode_request(request: Any, models: list[Any], trusted: bool = True, model:
     enc.node = None
     invokes = [WireInvoke(**enc.invoke(inv)) for inv in request.invokes]
     forward = enc.value(request.forward_kwargs)
-    wire_models = [WireModel(id=str(i), edits=[enc.graph(g) for g in getattr(m, "_edits", [])],
-                             training=training_modes(m), frozen=frozen_parameters(m))
-                   for i, m in enumerate(enc.models)]  # fmt: skip
+    wire_models = []
+    for i, m in enumerate(enc.models):
+        training, frozen = client_state(m)
+        wire_models.append(WireModel(id=str(i), edits=[enc.graph(g) for g in getattr(m, "_edits", [])],
+                                     training=training, frozen=frozen))  # fmt: skip
     wire = WireRequest(version=SCHEMA_VERSION, method=request.method, graph=graph, invokes=invokes,
                        forward_kwargs=forward, model=model_index, models=wire_models)  # fmt: skip
     return msgpack.packb(wire.model_dump(), use_bin_type=True)
