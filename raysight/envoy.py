@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from raysight.errors import TraceError
-from raysight.graph.node import CALL_FUNCTION, CALL_MODULE, PARAM, READ, WRITE
+from raysight.graph.node import CALL_FUNCTION, CALL_MODULE, PARAM
 from raysight.graph.proxy import _CURRENT, Proxy, current_recorder
 
 

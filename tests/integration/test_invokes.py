@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import raysight
 from helpers import assert_no_hooks
 
 
