@@ -53,18 +53,25 @@ def edits_set_aside(model: Any) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def served_models_kept(live: list, models: Any) -> Iterator[None]:
-    """Run a request without changing what the server serves: the parameters it references (``live``, an optimizer
-    stepping ``model.layer.parameters()``) get their values and ``requires_grad`` back when it ends, and every
-    parameter of ``models`` its ``.grad`` and ``requires_grad``. Within the request the changes show (later traces
-    of a training session see the trained weights); the next caller of the pool gets the model as it was served.
-    The values are kept on the CPU. A run that wants its trained weights saves them (they come back as values)."""
+def served_models_kept(live: list, models: list[tuple[Any, Any]]) -> Iterator[None]:
+    """Run a request on ``models`` (``(model, its WireModel)`` pairs) as the client has them, without changing what
+    the server serves. Inside, each model's modules are in the client's training modes and its parameters require
+    grad as there (a field that is None: as served). When the request ends, the parameters it references (``live``,
+    an optimizer stepping ``model.layer.parameters()``) get their values back, every parameter of ``models`` its
+    ``.grad`` and ``requires_grad``, every module its mode, and a model that ran with a module in training mode its
+    buffers (BatchNorm's running statistics). Within the request the changes show (later traces of a training
+    session see the trained weights); the next caller of the pool gets the model as it was served. The values are
+    kept on the CPU. A run that wants its trained weights saves them (they come back as values)."""
     kept: dict[int, tuple[torch.nn.Parameter, torch.Tensor, bool]] = {}
     for param in live:
         if id(param) not in kept:
             kept[id(param)] = (param, param.detach().to("cpu", copy=True), param.requires_grad)
-    grads = [(p, p.grad, p.requires_grad) for model in models for p in model._module.parameters()]
+    params = [(p, p.grad, p.requires_grad) for model, _ in models for p in model._module.parameters()]
+    modes: list[tuple[torch.nn.Module, bool]] = []
+    buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
+        for model, wire in models:
+            _take_client_state(model, wire, modes, buffers)
         yield
     finally:
         changed = 0
@@ -74,65 +81,47 @@ def served_models_kept(live: list, models: Any) -> Iterator[None]:
                     param.copy_(value)
                     changed += 1
                 param.requires_grad_(requires_grad)
-        for param, grad, requires_grad in grads:  # (`model.layer.requires_grad_(False)` recorded in a session)
+            for buffer, value in buffers:
+                if not torch.equal(buffer.detach().cpu(), value):
+                    buffer.copy_(value)
+        for param, grad, requires_grad in params:
             param.grad = grad
             if param.requires_grad != requires_grad:
                 param.requires_grad_(requires_grad)
+        for module, flag in modes:
+            module.training = flag
         if changed:
             logger.info("restored %d parameter(s) of the served model that the request changed", changed)
 
 
-@contextlib.contextmanager
-def client_modes(models: list[tuple[Any, Any]]) -> Iterator[None]:
-    """Run a request with each model (``(model, its WireModel)``) as the client has it: its modules in the client's
-    training modes, its parameters requiring grad as there (None: as served). The server's modes and flags come
-    back when it ends, and so do the buffers of a model that ran in training mode (BatchNorm's running
-    statistics)."""
-    changed: list[tuple[torch.nn.Module, bool]] = []
-    flags: list[tuple[torch.nn.Parameter, bool]] = []
-    buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
-    try:
-        for model, wire in models:
-            frozen = wire.frozen
-            if frozen is not None:
-                params = dict(model._module.named_parameters())
-                unknown = sorted(set(frozen) - params.keys())
-                if unknown:
-                    raise WireError(f"the request freezes parameter(s) {unknown[:3]}, but the served "
-                                    f"{type(model._module).__name__} has no such parameter; is the pool serving "
-                                    "this model?")  # fmt: skip
-                frozen = set(frozen)
-                for name, param in params.items():
-                    wanted = name not in frozen
-                    if param.requires_grad != wanted:
-                        flags.append((param, param.requires_grad))
-                        param.requires_grad_(wanted)
-            training = wire.training
-            if training is None:
-                continue
-            modules = dict(model._module.named_modules())
-            unknown = sorted(set(training) - modules.keys())
-            if unknown:
-                raise WireError(f"the request puts module(s) {unknown[:3]} in training mode, but the served "
-                                f"{type(model._module).__name__} has no such module; is the pool serving this model?")
-            wanted = set(training)
-            for name, module in modules.items():
-                flag = name in wanted
-                if module.training != flag:
-                    changed.append((module, module.training))
-                    module.training = flag
-            if training:
-                buffers.extend((b, b.detach().to("cpu", copy=True)) for b in model._module.buffers())
-        yield
-    finally:
-        for module, flag in reversed(changed):
-            module.training = flag
-        for param, flag in reversed(flags):
-            param.requires_grad_(flag)
-        with torch.no_grad():
-            for buffer, value in buffers:
-                if not torch.equal(buffer.detach().cpu(), value):
-                    buffer.copy_(value)
+def _take_client_state(model: Any, wire: Any, modes: list, buffers: list) -> None:
+    """Give ``model`` the client's ``frozen`` parameters and ``training`` modes of ``wire``; the modules whose mode
+    changes go to ``modes`` (with their mode as served), and, when some module trains, the model's buffers to
+    ``buffers`` (with a copy of their values)."""
+    module = model._module
+    if wire.frozen is not None:
+        params = dict(module.named_parameters())
+        unknown = sorted(set(wire.frozen) - params.keys())
+        if unknown:
+            raise WireError(f"the request freezes parameter(s) {unknown[:3]}, but the served {type(module).__name__} "
+                            "has no such parameter; is the pool serving this model?")  # fmt: skip
+        frozen = set(wire.frozen)
+        for name, param in params.items():
+            if param.requires_grad != (name not in frozen):
+                param.requires_grad_(name not in frozen)
+    if wire.training is not None:
+        modules = dict(module.named_modules())
+        unknown = sorted(set(wire.training) - modules.keys())
+        if unknown:
+            raise WireError(f"the request puts module(s) {unknown[:3]} in training mode, but the served "
+                            f"{type(module).__name__} has no such module; is the pool serving this model?")
+        training = set(wire.training)
+        for name, m in modules.items():
+            if m.training != (name in training):
+                modes.append((m, m.training))
+                m.training = name in training
+        if training:
+            buffers.extend((b, b.detach().to("cpu", copy=True)) for b in module.buffers())
 
 
 def relay_logs(logs: Any) -> None:
@@ -148,9 +137,8 @@ def _serve(payload: bytes, resolve_model: Callable[[int], Any], limits: Limits, 
     models = {i: resolve_model(i) for i in range(len(decoded.models))}
     for i, model in models.items():
         model.__dict__["_edits"] = decoded.edits.get(i, [])  # the client's persistent edits, for this request
-    with client_modes([(m, decoded.models[i]) for i, m in models.items()]):
-        with served_models_kept(decoded.live, models.values()):
-            return _run(decoded, models, limits, logs)
+    with served_models_kept(decoded.live, [(m, decoded.models[i]) for i, m in models.items()]):
+        return _run(decoded, models, limits, logs)
 
 
 def _run(decoded: Any, models: dict, limits: Limits, logs: Any) -> bytes:
@@ -182,9 +170,8 @@ def serve_part(payload: bytes, resolve_model: Callable[[int], Any], limits: Limi
         decoded = decode_request(payload, limits, trusted, resolve_model)
         for i in part["models"]:
             resolve_model(i).__dict__["_edits"] = decoded.edits.get(i, [])
-        with client_modes([(resolve_model(i), decoded.models[i]) for i in part["models"]]):
-            with served_models_kept(decoded.live, [resolve_model(i) for i in part["models"]]):
-                return _run_part(decoded, limits, part, given, logs)
+        with served_models_kept(decoded.live, [(resolve_model(i), decoded.models[i]) for i in part["models"]]):
+            return _run_part(decoded, limits, part, given, logs)
     except BaseException as exc:
         exc._raysight_logs = logs.getvalue()  # type: ignore[attr-defined]
         raise
