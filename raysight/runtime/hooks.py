@@ -83,18 +83,26 @@ class HookSet:
         interleaver: Interleaver,
         direct_root: bool = False,
     ) -> None:
-        keys = set()
+        paths: dict[str, list] = {}  # module path -> [its input event key or None, its output event key or None]
         skipped = _NO_SKIPS
         for loc in locations:
-            keys.add((loc.path, loc.key != "output"))
-            if loc.key == "skip":
-                skipped = skipped | {loc.path}
+            path = loc.path
+            entry = paths.get(path)
+            if entry is None:
+                entry = paths[path] = [None, None]
+            key = loc.key
+            if key == "output":
+                entry[1] = (path, False)
+            else:
+                entry[0] = (path, True)
+                if key == "skip":
+                    skipped = skipped | {path}
         if direct_root:
-            self._root_input = ROOT_INPUT in keys
-            self._root_output = ROOT_OUTPUT in keys
-            keys.discard(ROOT_INPUT)
-            keys.discard(ROOT_OUTPUT)
-        self._keys = keys
+            root = paths.pop("", None)
+            if root is not None:
+                self._root_input = root[0] is not None
+                self._root_output = root[1] is not None
+        self._paths = paths
         self._skipped = skipped
         self._module_at = module_at
         self._on_event = interleaver.on_event
@@ -106,44 +114,44 @@ class HookSet:
         module_at, on_event, handles = self._module_at, self._on_event, self._handles
         direct = _DIRECT if _DIRECT is not None else _direct_hooks_supported()
         wrap = WRAP and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
-        wrapping: dict = {}  # path -> [module, input key, output key]
+        forwards = self._forwards
         hook_id = _Handle.next_id
         try:
-            for key in self._keys:
-                module = module_at(key[0])
-                if wrap and key[0] not in self._skipped and not (module._forward_hooks or module._forward_pre_hooks):
-                    entry = wrapping.get(key[0])
-                    if entry is None:
-                        entry = wrapping[key[0]] = [module, None, None]
-                    entry[2 - key[1]] = key
-                elif key[1] and key[0] in self._skipped:
-                    pending: list = []
-                    handles.append(module.register_forward_pre_hook(_skip_pre_hook(key, on_event, pending),
-                                                                    with_kwargs=True))  # fmt: skip
-                    self._forwards.append((module, module.__dict__.get("forward", _NONE)))
-                    module.__dict__["forward"] = _skipping_forward(module.forward, pending)
-                elif not direct:
-                    if key[1]:
-                        handles.append(module.register_forward_pre_hook(_pre_hook(key, on_event), with_kwargs=True))
-                    else:
-                        handles.append(module.register_forward_hook(_post_hook(key, on_event)))
-                elif key[1]:  # what register_forward_pre_hook(with_kwargs=True) does, without its handle
+            for path, (in_key, out_key) in self._paths.items():
+                module = module_at(path)
+                skips = path in self._skipped
+                if wrap and not skips and not (module._forward_hooks or module._forward_pre_hooks):
                     state = module.__dict__
-                    hooks, flags = state["_forward_pre_hooks"], state["_forward_pre_hooks_with_kwargs"]
-                    hooks[hook_id] = _pre_hook(key, on_event)
-                    flags[hook_id] = True
-                    self._direct.append((hooks, flags, hook_id))
-                    hook_id += 1
-                else:  # what register_forward_hook does, without its handle
-                    hooks = module.__dict__["_forward_hooks"]
-                    hooks[hook_id] = _post_hook(key, on_event)
-                    self._direct.append((hooks, None, hook_id))
-                    hook_id += 1
-            forwards = self._forwards
-            for module, in_key, out_key in wrapping.values():
-                state = module.__dict__
-                forwards.append((module, state.get("forward", _NONE)))
-                state["forward"] = _wrapping_forward(module.forward, on_event, in_key, out_key)
+                    forwards.append((module, state.get("forward", _NONE)))
+                    state["forward"] = _wrapping_forward(module.forward, on_event, in_key, out_key)
+                    continue
+                for key in (in_key, out_key):
+                    if key is None:
+                        continue
+                    if key[1] and skips:
+                        pending: list = []
+                        handles.append(module.register_forward_pre_hook(_skip_pre_hook(key, on_event, pending),
+                                                                        with_kwargs=True))  # fmt: skip
+                        forwards.append((module, module.__dict__.get("forward", _NONE)))
+                        module.__dict__["forward"] = _skipping_forward(module.forward, pending)
+                    elif not direct:
+                        if key[1]:
+                            handles.append(module.register_forward_pre_hook(_pre_hook(key, on_event),
+                                                                            with_kwargs=True))  # fmt: skip
+                        else:
+                            handles.append(module.register_forward_hook(_post_hook(key, on_event)))
+                    elif key[1]:  # what register_forward_pre_hook(with_kwargs=True) does, without its handle
+                        state = module.__dict__
+                        hooks, flags = state["_forward_pre_hooks"], state["_forward_pre_hooks_with_kwargs"]
+                        hooks[hook_id] = _pre_hook(key, on_event)
+                        flags[hook_id] = True
+                        self._direct.append((hooks, flags, hook_id))
+                        hook_id += 1
+                    else:  # what register_forward_hook does, without its handle
+                        hooks = module.__dict__["_forward_hooks"]
+                        hooks[hook_id] = _post_hook(key, on_event)
+                        self._direct.append((hooks, None, hook_id))
+                        hook_id += 1
         except BaseException:
             self.remove()
             raise
