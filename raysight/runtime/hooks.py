@@ -30,7 +30,6 @@ ROOT_INPUT = ("", True)
 ROOT_OUTPUT = ("", False)
 
 
-_NO_SKIPS: frozenset = frozenset()
 _Handle = torch.utils.hooks.RemovableHandle
 _DIRECT: Any = None  # whether hooks go straight into a module's hook dicts (decided on first use)
 WRAP = True  # modules without hooks of their own get a wrapping forward rather than hooks (see the module doc)
@@ -83,27 +82,26 @@ class HookSet:
         interleaver: Interleaver,
         direct_root: bool = False,
     ) -> None:
-        paths: dict[str, list] = {}  # module path -> [its input event key or None, its output event key or None]
-        skipped = _NO_SKIPS
+        # module path -> [its input event key or None, its output event key or None, whether a skip replaces it]
+        paths: dict[str, list] = {}
         for loc in locations:
             path = loc.path
             entry = paths.get(path)
             if entry is None:
-                entry = paths[path] = [None, None]
+                entry = paths[path] = [None, None, False]
             key = loc.key
             if key == "output":
                 entry[1] = (path, False)
             else:
                 entry[0] = (path, True)
                 if key == "skip":
-                    skipped = skipped | {path}
+                    entry[2] = True
         if direct_root:
             root = paths.pop("", None)
             if root is not None:
                 self._root_input = root[0] is not None
                 self._root_output = root[1] is not None
         self._paths = paths
-        self._skipped = skipped
         self._module_at = module_at
         self._on_event = interleaver.on_event
         self._handles: list[Any] = []  # torch's handles of hooks registered through its API
@@ -117,9 +115,8 @@ class HookSet:
         forwards = self._forwards
         hook_id = _Handle.next_id
         try:
-            for path, (in_key, out_key) in self._paths.items():
+            for path, (in_key, out_key, skips) in self._paths.items():
                 module = module_at(path)
-                skips = path in self._skipped
                 if wrap and not skips and not (module._forward_hooks or module._forward_pre_hooks):
                     state = module.__dict__
                     forwards.append((module, state.get("forward", _NONE)))

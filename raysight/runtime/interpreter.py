@@ -300,15 +300,7 @@ class Interleaver(Gradients, Loops, Ops):
                             value = narrow(value, stream.rows)
                     except Exception as exc:
                         raise annotate(exc, node) from None
-                    if node.deps or self.deadline is not None:
-                        self._set(node, value)
-                        continue
-                    self.executed += 1  # (what _set does for a read without arguments, inline)
-                    if node.saved:
-                        self.saved_values[node.index] = value
-                        self.env[node.index] = value
-                    else:
-                        self.env[node.index] = value if node.num_users else FREED
+                    self._set(node, value)
                     continue
             elif op is CALL_FUNCTION or op is CALL_METHOD or op is GET_ATTR:
                 pass  # the most frequent computations: straight to the op below
