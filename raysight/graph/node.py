@@ -218,6 +218,22 @@ class Node:
         node._where = source
         return node
 
+    @classmethod
+    def computed(cls, index: int, op: Op, target: Any, args: tuple, deps: tuple, source: Optional[tuple]) -> "Node":
+        """A node whose arguments hold nodes only directly, with ``deps`` (the distinct ones) already collected:
+        what ``__init__`` does for such arguments, without scanning them again (recording's hot path)."""
+        node = _new_object(cls)
+        node.index = index
+        node.op = op
+        node.target = target
+        node._where = source
+        node.args = args
+        if deps:
+            node.deps = deps
+            for dep in deps:
+                dep.num_users += 1
+        return node
+
     @property
     def source(self) -> Optional[SourceLine]:
         """Where the user's code created this node."""

@@ -35,6 +35,8 @@ class Recorder(Protocol):
 
     def record(self, op: Op, target: Any, args: tuple = (), kwargs: Optional[dict] = None) -> "Proxy": ...
 
+    def record_call(self, fn: Any, args: tuple) -> "Proxy": ...
+
     def mark_saved(self, proxy: "Proxy") -> None: ...
 
 
@@ -378,10 +380,12 @@ def _require_recording(what: str) -> Recorder:
 
 
 def _apply(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` for a proxy's operator: recorded while recording, else on the values (its caller is the
+    operator, whose caller is the user's line: see ``Tracer.record_call``)."""
     rec = _recording()
     if rec is None:
         return fn(*value_of(args))
-    return rec.record(CALL_FUNCTION, fn, args)
+    return rec.record_call(fn, args)
 
 
 def _binary(fn: Any) -> Any:

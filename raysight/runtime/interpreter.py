@@ -25,7 +25,7 @@ import torch
 from raysight.errors import InterventionError, MissedProviderError, OutOfOrderError, TimeLimitError
 from raysight.graph.node import (
     CALL_FUNCTION, CALL_METHOD, CALL_MODULE, COND, GET_ATTR, GRAD, INVOKE, ITER, LOG, PARAM, READ, SET_GRAD, STOP,
-    TRACE, WRITE, Calls, Location, map_nodes, Node
+    TRACE, WRITE, _NO_KWARGS, Calls, Location, map_nodes, Node
 )
 from raysight.graph.passes import changes_tensor_in_place, views_its_input
 from raysight.runtime.batching import Rows, narrow
@@ -337,7 +337,11 @@ class Interleaver(Gradients, Loops, Ops):
                 continue
             stream.waiting = stream.wait_key = None
             try:
-                value = _OPS[op](self, node, stream, event)
+                if op is CALL_FUNCTION and node.flat and node.kwargs is _NO_KWARGS:  # (call_function, inline)
+                    env = self.env
+                    value = node.target(*[env[a.index] if type(a) is Node else a for a in node.args])
+                else:
+                    value = _OPS[op](self, node, stream, event)
             except EarlyStop:
                 raise
             except Exception as exc:

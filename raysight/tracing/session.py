@@ -36,6 +36,7 @@ class Session:
 
     # -- the recorder protocol (shared with Tracer) ---------------------------------------------------------
     record = Tracer.record
+    record_call = Tracer.record_call
     record_read = Tracer.record_read
     record_write = Tracer.record_write
     _to_arg = Tracer._to_arg

@@ -96,6 +96,33 @@ class Tracer:
             self._record_meta(node)
         return new_proxy(node, self)
 
+    def record_call(self, fn: Any, args: tuple) -> Proxy:
+        """Record ``fn(*args)`` for a proxy's operator (``h + 1``, ``h[:, 0]``, ``h[:] = 0``): the hot path of
+        recording computations, so the arguments are converted and their nodes collected in one pass, and the
+        user's line is looked for from the operator's caller on. Arguments other than this graph's proxies, plain
+        values, and slices or tuples of plain Python values go through :meth:`record`."""
+        graph = self.graph
+        converted = []
+        deps: list[Node] = []
+        for a in args:
+            t = type(a)
+            if t is Proxy:
+                if a._recorder is not self and a._recorder.graph is not graph:
+                    return self.record(CALL_FUNCTION, fn, args)
+                a = a._node
+                if a not in deps:
+                    deps.append(a)
+            elif t not in _PLAIN and not _plain_key(a, t):
+                return self.record(CALL_FUNCTION, fn, args)
+            converted.append(a)
+        nodes = graph.nodes
+        node = Node.computed(len(nodes), CALL_FUNCTION, fn, tuple(converted), tuple(deps), user_source(3))
+        nodes.append(node)
+        graph._stack[-1].append(node)
+        if self._mode is not None:
+            self._record_meta(node)
+        return new_proxy(node, self)
+
     def record_read(self, path: str, key: str) -> Proxy:
         """Record a READ of a module's ``key`` ("output", "input", "inputs"): the hot path of tracing, so what
         ``Graph.add`` does is written out here, and the Location is made without its Python-level __new__.
@@ -425,6 +452,23 @@ class TraceSpec:
 
     def __repr__(self) -> str:
         return f"{type(self.model).__name__}.{self.method}({len(self.invokes)} invokes)"
+
+
+def _plain_key(a: Any, t: type) -> bool:
+    """Whether ``a`` (of type ``t``) is a slice of plain Python values, or a tuple of those and plain values (an
+    index such as ``[:, 0]``): an argument that holds no node."""
+    if t is slice:
+        return type(a.start) in _LEAVES and type(a.stop) in _LEAVES and type(a.step) in _LEAVES
+    if t is tuple:
+        for x in a:
+            tx = type(x)
+            if tx not in _LEAVES and (tx is not slice or not _plain_key(x, tx)):
+                return False
+        return True
+    return False
+
+
+_LEAVES = frozenset({int, float, str, bool, type(None), type(Ellipsis)})
 
 
 def _open(stack: list, body: list) -> bool:

@@ -82,7 +82,19 @@ METHODS = {
     "getattr_T": lambda h: h.T,
     "dtype_to": lambda h: h.to(torch.float64),
 }
-ALL = {**BINARY, **REFLECTED, **UNARY, **COMPARE, **BITWISE, **TORCH_FUNCS, **METHODS}
+INDEXING = {  # index keys: plain values, slices, tuples of them, Ellipsis, and keys holding proxies
+    "int": lambda h: h[0],
+    "slice": lambda h: h[:, 2:7:2],
+    "tuple_slice_int": lambda h: h[:, 3],
+    "ellipsis": lambda h: h[..., -1],
+    "negative_step_free_slice": lambda h: h[0, ::3],
+    "tensor_key": lambda h: h[:, torch.tensor([1, 4])],
+    "list_key": lambda h: h[:, [0, 2, 5]],
+    "mask_key": lambda h: h[h > 0],
+    "proxy_in_tuple_key": lambda h: h[:, h[0].argmin()],
+    "attribute_proxy_operand": lambda h: h + h.T.T,
+}
+ALL = {**BINARY, **REFLECTED, **UNARY, **COMPARE, **BITWISE, **TORCH_FUNCS, **METHODS, **INDEXING}
 
 
 def _check(model, mlp, x, fn):
@@ -106,6 +118,49 @@ def test_indexing_with_a_proxy_index(model, mlp, x):
         picked = h[0, h[0].argmax()].save()
     oracle = mlp.layer1(x)
     assert torch.allclose(picked.value, oracle[0].max())
+
+
+def test_in_place_index_assignments_edit_the_batch(model, mlp, x):
+    """`h[key] = v` for plain, tuple and proxy keys and values: the module's output is edited in place."""
+    with model.trace(x):
+        h = model.layer1.output
+        h[:, 0] = 0
+        h[0, 1:3] = h[0, 4]
+        h[h > 0.5] = 0.5
+        h[..., -1] = h[0].sum()
+        out = model.output.save()
+
+    def edit(m, args, h):
+        h = h.clone()
+        h[:, 0] = 0
+        h[0, 1:3] = h[0, 4]
+        h[h > 0.5] = 0.5
+        h[..., -1] = h[0].sum()
+        return h
+
+    handle = mlp.layer1.register_forward_hook(edit)
+    try:
+        expected = mlp(x)
+    finally:
+        handle.remove()
+    assert torch.allclose(out.value, expected, atol=1e-6)
+
+
+def test_an_operand_saved_by_an_earlier_trace_is_its_value(model, mlp, x):
+    with model.trace(x):
+        first = model.layer1.output.save()
+    with model.trace(x):
+        both = (model.layer1.output + first).save()
+    assert torch.allclose(both.value, 2 * mlp.layer1(x), atol=1e-6)
+
+
+def test_an_operand_of_an_earlier_trace_of_the_session_flows_between_traces(model, mlp, x):
+    with model.session():
+        with model.trace(x):
+            first = model.layer1.output
+        with model.trace(x):
+            both = (model.layer1.output * first).save()
+    assert torch.allclose(both.value, mlp.layer1(x) ** 2, atol=1e-6)
 
 
 def test_plain_python_function_is_traced_through_its_body(model, mlp, x):
