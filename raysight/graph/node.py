@@ -117,13 +117,28 @@ class SourceLine(NamedTuple):
         return linecache.getline(self.filename, self.lineno).strip()
 
 
+def _library_dirs(names: tuple) -> tuple:
+    """The package directories of libraries that apply operations to proxies on the user's behalf, found without
+    importing them: torch's Python wrappers (``F.softmax``, Tensor methods written in Python, ``Module.__call__`` of
+    a module applied to a proxy) dispatch to ``__torch_function__`` from frames of their own, and einops computes
+    with the proxy's shape inside its functions; the line that matters is the one that called them."""
+    import importlib.util
+
+    dirs = []
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            dirs.append(os.path.dirname(os.path.abspath(spec.origin)) + os.sep)
+    return tuple(dirs)
+
+
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Frames in these files record on the user's behalf; the first frame outside them is the user's line.
 _INTERNAL = tuple(
     os.path.join(_PACKAGE_DIR, part)
     for part in ("graph" + os.sep, "tracing" + os.sep, "runtime" + os.sep, "models" + os.sep, "backends" + os.sep,
                  "envoy.py", "__init__.py")
-) + (os.path.join(os.path.dirname(os.__file__), "contextlib.py"),)
+) + (os.path.join(os.path.dirname(os.__file__), "contextlib.py"),) + _library_dirs(("torch", "einops"))
 
 
 _internal_files: dict[str, bool] = {}  # by file name: a str caches its hash, a code object does not

@@ -35,7 +35,7 @@ class Recorder(Protocol):
 
     def record(self, op: Op, target: Any, args: tuple = (), kwargs: Optional[dict] = None) -> "Proxy": ...
 
-    def record_call(self, fn: Any, args: tuple) -> "Proxy": ...
+    def record_call(self, fn: Any, args: tuple, op: Op = ..., depth: int = ...) -> "Proxy": ...
 
     def mark_saved(self, proxy: "Proxy") -> None: ...
 
@@ -180,6 +180,8 @@ class Proxy:
         rec = _recording()
         if rec is None:
             return func(*value_of(args), **value_of(kwargs))
+        if not kwargs:
+            return rec.record_call(func, args, CALL_FUNCTION, 2)
         return rec.record(CALL_FUNCTION, func, args, kwargs)
 
     # -- what cannot be recorded ----------------------------------------------------------------------------
@@ -346,6 +348,8 @@ class _AttrProxy(Proxy):
             return getattr(self._obj.value, self._attr)(*value_of(args), **value_of(kwargs))
         if self._node is not None:  # the attribute was used as a value already: call that value
             return rec.record(CALL_FUNCTION, _call, (self, *args), kwargs)
+        if not kwargs:
+            return rec.record_call(self._attr, (self._obj, *args), CALL_METHOD, 2)
         return rec.record(CALL_METHOD, self._attr, (self._obj, *args), kwargs)
 
 

@@ -96,11 +96,13 @@ class Tracer:
             self._record_meta(node)
         return new_proxy(node, self)
 
-    def record_call(self, fn: Any, args: tuple) -> Proxy:
-        """Record ``fn(*args)`` for a proxy's operator (``h + 1``, ``h[:, 0]``, ``h[:] = 0``): the hot path of
+    def record_call(self, fn: Any, args: tuple, op: Op = CALL_FUNCTION, depth: int = 3) -> Proxy:
+        """Record ``fn(*args)`` (``op`` CALL_FUNCTION) or the method ``fn`` of ``args[0]`` (CALL_METHOD) for a
+        proxy's operator, method call or torch function (``h + 1``, ``h[:] = 0``, ``h.sum(0)``): the hot path of
         recording computations, so the arguments are converted and their nodes collected in one pass, and the
-        user's line is looked for from the operator's caller on. Arguments other than this graph's proxies, plain
-        values, and slices or tuples of plain Python values go through :meth:`record`."""
+        user's line is looked for from ``depth`` frames up on (the caller's caller's ... caller: the proxy's
+        operator, whose caller is the user's line). Arguments other than this graph's proxies, plain values, and
+        slices or tuples of plain Python values go through :meth:`record`."""
         graph = self.graph
         converted = []
         deps: list[Node] = []
@@ -108,15 +110,15 @@ class Tracer:
             t = type(a)
             if t is Proxy:
                 if a._recorder is not self and a._recorder.graph is not graph:
-                    return self.record(CALL_FUNCTION, fn, args)
+                    return self.record(op, fn, args)
                 a = a._node
                 if a not in deps:
                     deps.append(a)
             elif t not in _PLAIN and not _plain_key(a, t):
-                return self.record(CALL_FUNCTION, fn, args)
+                return self.record(op, fn, args)
             converted.append(a)
         nodes = graph.nodes
-        node = Node.computed(len(nodes), CALL_FUNCTION, fn, tuple(converted), tuple(deps), user_source(3))
+        node = Node.computed(len(nodes), op, fn, tuple(converted), tuple(deps), user_source(depth))
         nodes.append(node)
         graph._stack[-1].append(node)
         if self._mode is not None:

@@ -101,3 +101,27 @@ def test_assignment_waiting_on_a_later_module_from_another_invoke_raises_out_of_
                 with tracer.invoke(xb):
                     model.layer1.output = model.layer1.output * 0 + later
                     model.output.save()
+
+
+def test_runtime_error_in_a_torch_python_wrapper_names_the_user_line(model, mlp, x):
+    """F.softmax is Python code in torch that dispatches to the proxy: the line named is the one calling it."""
+    import torch.nn.functional as F
+
+    with unchanged(mlp):
+        with pytest.raises(IndexError) as info:
+            with model.trace(x):
+                F.softmax(model.layer1.output, dim=5).save()  # no dim 5
+    text = notes_text(info.value)
+    assert THIS_FILE in text
+    assert "F.softmax(model.layer1.output, dim=5).save()  # no dim 5" in text
+    assert "overrides.py" not in text
+
+
+def test_nodes_einops_records_come_from_the_users_line(model, mlp, x):
+    import einops
+
+    with model.trace(x) as tracer:
+        einops.rearrange(model.layer1.output, "b (h d) -> b h d", h=2).save()
+        graph = tracer.graph
+    computed = [n for n in graph.nodes if n.op.value in ("call_function", "call_method", "get_attr")]
+    assert computed and {os.path.basename(n.source.filename) for n in computed} == {THIS_FILE}
