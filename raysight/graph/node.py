@@ -325,7 +325,21 @@ def _format_arg(a: Any) -> str:
     return text if len(text) < 60 else text[:57] + "..."
 
 
-_LEAVES = frozenset({int, float, str, bool, type(None)})
+_LEAVES = frozenset({int, float, str, bool, type(None), type(Ellipsis)})
+
+
+def plain_index(a: Any, t: type) -> bool:
+    """Whether ``a`` (of type ``t``) is a slice of plain Python values, or a tuple of those and plain values (an
+    index such as ``[:, 0]`` or ``[..., -1]``): an argument that holds no node."""
+    if t is slice:
+        return type(a.start) in _LEAVES and type(a.stop) in _LEAVES and type(a.step) in _LEAVES
+    if t is tuple:
+        for x in a:
+            tx = type(x)
+            if tx not in _LEAVES and (tx is not slice or not plain_index(x, tx)):
+                return False
+        return True
+    return False
 
 
 def _scan_args(args: tuple, kwargs: dict) -> tuple[tuple, bool]:
@@ -337,7 +351,7 @@ def _scan_args(args: tuple, kwargs: dict) -> tuple[tuple, bool]:
             if a not in deps:
                 deps.append(a)
         elif t is slice:
-            if type(a.start) in _LEAVES and type(a.stop) in _LEAVES and type(a.step) in _LEAVES:
+            if plain_index(a, t):
                 continue
             return _collect_nodes(args, kwargs), False
         elif t not in _LEAVES and (t in (tuple, list, dict) or isinstance(a, (tuple, list, dict))):

@@ -337,7 +337,7 @@ class Interleaver(Gradients, Loops, Ops):
                 continue
             stream.waiting = stream.wait_key = None
             try:
-                if op is CALL_FUNCTION and node.flat and node.kwargs is _NO_KWARGS:  # (call_function, inline)
+                if op is CALL_FUNCTION and node.flat and node.kwargs is _NO_KWARGS:  # Ops.call_function, inline
                     env = self.env
                     value = node.target(*[env[a.index] if type(a) is Node else a for a in node.args])
                 else:

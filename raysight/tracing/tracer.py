@@ -33,6 +33,7 @@ from raysight.graph.node import (
     Location,
     Node,
     Op,
+    plain_index,
     user_source,
 )
 from raysight.graph.proxy import _CURRENT, Proxy, current_recorder, new_proxy, set_value, value_of
@@ -114,7 +115,7 @@ class Tracer:
                 a = a._node
                 if a not in deps:
                     deps.append(a)
-            elif t not in _PLAIN and not _plain_key(a, t):
+            elif t not in _PLAIN and not plain_index(a, t):
                 return self.record(op, fn, args)
             converted.append(a)
         nodes = graph.nodes
@@ -454,23 +455,6 @@ class TraceSpec:
 
     def __repr__(self) -> str:
         return f"{type(self.model).__name__}.{self.method}({len(self.invokes)} invokes)"
-
-
-def _plain_key(a: Any, t: type) -> bool:
-    """Whether ``a`` (of type ``t``) is a slice of plain Python values, or a tuple of those and plain values (an
-    index such as ``[:, 0]``): an argument that holds no node."""
-    if t is slice:
-        return type(a.start) in _LEAVES and type(a.stop) in _LEAVES and type(a.step) in _LEAVES
-    if t is tuple:
-        for x in a:
-            tx = type(x)
-            if tx not in _LEAVES and (tx is not slice or not _plain_key(x, tx)):
-                return False
-        return True
-    return False
-
-
-_LEAVES = frozenset({int, float, str, bool, type(None), type(Ellipsis)})
 
 
 def _open(stack: list, body: list) -> bool:
