@@ -18,6 +18,7 @@ from raysight.errors import (
     TimeLimitError,
     TraceError,
 )
+from raysight.envoy import Envoy
 from raysight.graph import Graph, Location, Node, Op, Proxy
 from raysight.models.nnsight import NNsight
 from raysight.tracing.control import (
@@ -30,11 +31,13 @@ from raysight.tracing.control import (
     dict,
     float,
     int,
+    iter,
     list,
     log,
     set,
     stop,
     str,
+    trace,
     tuple,
 )
 
@@ -51,7 +54,7 @@ def __getattr__(name: str) -> object:
         import raysight.backends.ray as ray_backend
 
         return getattr(ray_backend, name)
-    if name in ("train", "data"):
+    if name in ("train", "data", "util"):
         import importlib
 
         return importlib.import_module(f"raysight.{name}")
@@ -62,8 +65,8 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'raysight' has no attribute {name!r}")
 
 __all__ = [
-    "NNsight", "LanguageModel", "init", "serve", "pools", "extract", "Proxy", "Graph", "Node", "Op", "Location",
-    "apply", "log", "stop", "cond",
+    "NNsight", "LanguageModel", "Envoy", "init", "serve", "pools", "extract", "Proxy", "Graph", "Node", "Op",
+    "Location", "apply", "log", "stop", "cond", "iter", "trace",
     "list", "dict", "tuple", "set", "int", "float", "str", "bool", "bytes", "bytearray", "complex",
     "RaysightError", "TraceError", "OutOfOrderError", "InterventionError", "StructureError", "MissedProviderError",
     "RemoteExecutionError", "TimeLimitError",

@@ -148,6 +148,11 @@ class Envoy:
         """``(path, envoy)`` for this envoy and every envoy below it (a list, as in nnsight 0.4)."""
         return self.modules(include_fn, names=True)
 
+    def to(self, *args: Any, **kwargs: Any) -> "Envoy":
+        """``module.to(...)`` that returns this envoy (``model = model.to("cuda")`` keeps the wrapper)."""
+        self._module.to(*args, **kwargs)
+        return self
+
     def _clear(self) -> None:
         """nnsight 0.4 cleared the proxies its envoys cached between traces; raysight's envoys keep none, so there
         is nothing to clear (kept so code written for 0.4, such as its test fixtures, runs unchanged)."""

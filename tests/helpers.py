@@ -93,6 +93,24 @@ class KwNet(nn.Module):
         return self.scaler(self.lin(x), scale=scale, mask=mask)
 
 
+class AutoEncoder(nn.Module):
+    """forward(x) = decode(encode(x)); ``encode`` and ``decode`` are methods of their own (``trace(method=...)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(5, 3)
+        self.dec = nn.Linear(3, 5)
+
+    def encode(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return torch.tanh(self.enc(x)) * scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.dec(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
 # -- oracle helpers ------------------------------------------------------------------------------------------
 def capture(root: nn.Module, module: nn.Module, *args: Any, **kwargs: Any) -> dict:
     """Run ``root(*args, **kwargs)`` with a plain forward hook on ``module``; return its args, kwargs, output and

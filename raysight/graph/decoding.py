@@ -116,7 +116,8 @@ class _Decoder:
                 model = self.resolve_model(int(v["model"]))
                 invokes = [InvokeInputs(self.value(i["args"], d), self.value(i["kwargs"], d), int(i["batch_size"]))
                            for i in v["invokes"]]  # fmt: skip
-                return TraceSpec(model, invokes, self.value(v["forward_kwargs"], d), str(v["method"]))
+                method = check_method(v["method"], self.trusted)
+                return TraceSpec(model, invokes, self.value(v["forward_kwargs"], d), method)
             if tag == "model_param" or tag == "model_module":
                 return self.owned(tag, int(v["model"]), str(v["name" if tag == "model_param" else "path"]))
             if tag == "fn":
@@ -321,8 +322,8 @@ def decode_request(payload: bytes, limits: Limits, trusted: bool, resolve_model:
     except ValidationError as exc:
         raise WireError(f"the request does not match the schema: {exc.errors()[0]['loc']}: "
                         f"{exc.errors()[0]['msg']}") from None  # fmt: skip
-    if wire.method not in ("forward", "generate", "session"):
-        raise WireError(f"unknown method {wire.method!r}")
+    if wire.method != "session":
+        check_method(wire.method, trusted)
     if not -1 <= wire.model < len(wire.models):
         raise WireError(f"the request names model {wire.model}, but lists {len(wire.models)} models")
     dec = _Decoder(trusted, lambda i: _check_model(i, wire, resolve_model))
@@ -338,6 +339,19 @@ def decode_request(payload: bytes, limits: Limits, trusted: bool, resolve_model:
     if not isinstance(forward_kwargs, dict):
         raise WireError("malformed request: forward_kwargs must be a dict")
     return Decoded(graph, invokes, forward_kwargs, wire.method, wire.model, wire.models, edits, dec.live)
+
+
+def check_method(method: Any, trusted: bool) -> str:
+    """The model method a trace runs: ``forward``, ``generate``, or (trusted mode only) another public method of the
+    model that the client named with ``model.trace(x, method=...)``."""
+    if method in ("forward", "generate"):
+        return method
+    if not isinstance(method, str) or not method.isidentifier() or method.startswith("_"):
+        raise WireError(f"malformed request: {method!r} is not a method a trace can run")
+    if not trusted:
+        raise WireError(f"restricted mode: running the model's method {method!r} is refused; traces here may run "
+                        "forward and generate only")  # fmt: skip
+    return method
 
 
 def _check_model(i: int, wire: WireRequest, resolve_model: Any) -> Any:

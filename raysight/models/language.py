@@ -18,7 +18,7 @@ import torch
 
 from raysight.backends.base import InvokeInputs
 from raysight.envoy import Envoy
-from raysight.models.nnsight import NNsight
+from raysight.models.nnsight import NNsight, _backend_for, _check_blocking
 from raysight.runtime.hooks import is_hooked
 from raysight.tracing.tracer import Tracer
 
@@ -168,10 +168,10 @@ class LanguageModel(NNsight):
             raise ValueError(f"max_new_tokens must be a positive int (the number of tokens to add), got "
                              f"{max_new_tokens!r}")  # fmt: skip
         inputs, kwargs = _keyword_input(inputs, kwargs)
+        kwargs.pop("debug", None)  # (accepted as by trace: errors always name the user's line)
+        _check_blocking(kwargs.pop("blocking", True))
         invoker_kwargs = kwargs.pop("invoker_args", None) or kwargs.pop("invoker_kwargs", None)
         scan, validate = kwargs.pop("scan", False), kwargs.pop("validate", False)
-        from raysight.models.nnsight import _backend_for
-
         backend = _backend_for(kwargs.pop("remote", False), backend)
         tracer = Tracer(self, inputs, invoker_kwargs=invoker_kwargs, forward_kwargs={"max_new_tokens": max_new_tokens,
                         **kwargs}, backend=backend, method="generate", scan=scan, validate=validate)  # fmt: skip
@@ -253,6 +253,10 @@ class LanguageModel(NNsight):
             batch[key] = torch.cat(pieces, dim=0)
         return (), batch
 
+    def _scan_method(self, method: str) -> str:
+        """A scan of a generation runs its first step: one forward pass."""
+        return "forward" if method == "generate" else method
+
     def _execute(self, method: str, args: tuple, kwargs: dict, dispatch: bool = True,
                  call: Optional[Callable] = None) -> Any:
         if dispatch:  # a scan runs on fake weights and must not load the real ones
@@ -267,12 +271,13 @@ class LanguageModel(NNsight):
                 kwargs["streamer"] = _StreamerBridge(streamer, kwargs.get("streamer"))
             ids = module.generate(*args, **kwargs)
             return self._generator_module(ids)
-        if _is_causal(module) and "position_ids" not in kwargs and "attention_mask" in kwargs:
+        if method == "forward" and _is_causal(module) and "position_ids" not in kwargs and "attention_mask" in kwargs:
             if _accepts(module, "position_ids"):
                 kwargs["position_ids"] = position_ids_from_mask(kwargs["attention_mask"])
+        target = module if method == "forward" else getattr(module, method)  # (trace(method=...))
         if call is not None:
-            return call(module, args, kwargs)
-        return module(*args, **kwargs)
+            return call(target, args, kwargs)
+        return target(*args, **kwargs)
 
 
 class _Args(tuple):

@@ -43,11 +43,7 @@ class NNsight(Envoy):
             return tensor.device
         return torch.device("cpu")
 
-    # -- module methods that return the module return the wrapper ----------------------------------------------
-    def to(self, *args: Any, **kwargs: Any) -> "NNsight":
-        self._module.to(*args, **kwargs)
-        return self
-
+    # -- module methods that return the module return the wrapper (``to``: Envoy's) ------------------------------
     # (inside a trace or session these three record, and run in program order where the model runs: envoy.py)
     def eval(self) -> "NNsight":
         recorded = recorded_method(self, "eval")
@@ -105,6 +101,9 @@ class NNsight(Envoy):
         validate: bool = False,
         remote: Any = False,
         backend: Any = None,
+        method: Optional[str] = None,
+        debug: Optional[bool] = None,
+        blocking: bool = True,
         **kwargs: Any,
     ) -> Any:
         """``with model.trace(x) as tracer:`` records interventions and runs the model once on exit.
@@ -112,12 +111,17 @@ class NNsight(Envoy):
         ``kwargs`` go to the model's forward; ``invoker_args`` (alias ``invoker_kwargs``) to input preparation.
         With ``trace=False`` the model runs at once and its output is returned. ``scan=True`` gives proxies concrete
         shapes while tracing (a fake run first); ``validate=True`` also checks every operation on fake values.
+        ``method="encode"`` runs that method of the wrapped module instead of its forward (the module's hooks fire
+        wherever it calls its submodules). ``debug`` is accepted for nnsight 0.4's code: raysight's errors always
+        name the user's line. ``blocking=False`` (nnsight's background NDIF requests) is refused with an error.
         """
+        method = self._method_name(method)
+        _check_blocking(blocking)
         if remote and backend is None:
             backend = _backend_for(remote, backend)
         if not trace:  # run now; still through a trace, so persistent edits apply
             with Tracer(self, inputs, invoker_kwargs=invoker_args or invoker_kwargs, forward_kwargs=kwargs,
-                        backend=backend):  # fmt: skip
+                        backend=backend, method=method):  # fmt: skip
                 output = self.output.save()
             return output.value
         return Tracer(
@@ -126,9 +130,26 @@ class NNsight(Envoy):
             invoker_kwargs=invoker_args or invoker_kwargs,
             forward_kwargs=kwargs,
             backend=backend,
+            method=method,
             scan=scan,
             validate=validate,
         )
+
+    def _method_name(self, method: Optional[str]) -> str:
+        """The method of the wrapped module a trace runs (``forward`` unless ``method=`` names another)."""
+        if method is None or method == "forward":
+            return "forward"
+        if not isinstance(method, str) or not method.isidentifier() or method.startswith("_"):
+            raise ValueError(f"method= names a public method of the wrapped module to run instead of its forward "
+                             f"(e.g. method='encode'), got {method!r}")  # fmt: skip
+        found = getattr(self._module, method, None)
+        if isinstance(found, torch.nn.Module):
+            raise AttributeError(f"method={method!r}: that is a submodule of {type(self._module).__name__}, not a "
+                                 f"method; read it as `model.{method}` in a trace of the forward")  # fmt: skip
+        if not callable(found):
+            raise AttributeError(f"method={method!r}: {type(self._module).__name__} has no method {method!r}; name "
+                                 "one of the wrapped module's methods, or leave method= out to run its forward")  # fmt: skip
+        return method
 
     def scan(self, *inputs: Any, validate: bool = False, **kwargs: Any) -> Tracer:
         """``with model.scan(x): dim = model.layer1.output.shape[-1]`` — shapes from a fake run; nothing real runs."""
@@ -157,11 +178,14 @@ class NNsight(Envoy):
         args, kwargs, batch_size = self._prepare_input(*load(invoke.args), **load(invoke.kwargs))
         return InvokeInputs(args, kwargs, batch_size)
 
-    def session(self, remote: Any = False, backend: Any = None, validate: bool = False) -> Any:
+    def session(self, remote: Any = False, backend: Any = None, validate: bool = False, debug: Optional[bool] = None,
+                blocking: bool = True) -> Any:  # fmt: skip
         """``with model.session() as session:`` — traces, loops and plain operations run as one graph at exit.
-        ``validate=True`` validates every trace opened in it (as ``trace(..., validate=True)``)."""
+        ``validate=True`` validates every trace opened in it (as ``trace(..., validate=True)``); ``debug`` and
+        ``blocking`` as in :meth:`trace`."""
         from raysight.tracing.session import Session
 
+        _check_blocking(blocking)
         return Session(backend=_backend_for(remote, backend), validate=validate)
 
     def _ensure_dispatched(self) -> None:
@@ -205,20 +229,34 @@ class NNsight(Envoy):
 
     def _execute(self, method: str, args: tuple, kwargs: dict, dispatch: bool = True,
                  call: Optional[Callable] = None) -> Any:
-        """Run the model. ``call(module, args, kwargs)``, when given, is how a forward pass calls the root module
-        (it delivers the root's events to a running graph)."""
+        """Run the model's ``method`` (``forward``: call the module). ``call(target, args, kwargs)``, when given, is
+        how the root is called (it delivers the root's events to a running graph): ``model.input``/``.output`` are
+        the arguments and result of that call, the module's forward or the method named with ``trace(method=)``."""
         device = self.__dict__.get("_input_device")
         if device is not None and dispatch:  # placed by dispatch_to: inputs go where the first module is
             args, kwargs = _to_device(args, device), _to_device(kwargs, device)
+        target = self._module if method == "forward" else getattr(self._module, method)  # (trace(method="encode"))
         if call is not None:
-            return call(self._module, args, kwargs)
-        return self._module(*args, **kwargs)
+            return call(target, args, kwargs)
+        return target(*args, **kwargs)
+
+    def _scan_method(self, method: str) -> str:
+        """The method a scan (fake run) of a trace running ``method`` calls: the same one."""
+        return method
 
     def _module_at(self, path: str) -> torch.nn.Module:
         envoy = self._by_path.get(path)
         if envoy is None:
             return self._module.get_submodule(path)
         return envoy._module
+
+
+def _check_blocking(blocking: Any) -> None:
+    if blocking is not True:
+        raise ValueError(f"blocking={blocking!r}: raysight runs every trace and session to the end before the `with` "
+                         "block returns (nnsight 0.4's non-blocking NDIF requests have no counterpart); leave "
+                         "blocking= out, and run independent work concurrently with a remote session or "
+                         "raysight.extract")  # fmt: skip
 
 
 def _backend_for(remote: Any, backend: Any) -> Any:

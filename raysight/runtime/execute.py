@@ -65,10 +65,11 @@ def run_trace(
             kwargs = {**kwargs, **forward_kwargs}
         if locations is None:
             locations = {n.target for n in _walk(body) if n.op is READ or n.op is WRITE}
-        # the root runs once in a forward pass: its events come around that call, not from hooks (when the model's
-        # _execute takes the caller; a subclass written against the older signature keeps the hooks)
+        # the root runs once in a forward pass (or a call of the method named with trace(method=)): its events come
+        # around that call, not from hooks (when the model's _execute takes the caller; a subclass written against
+        # the older signature keeps the hooks). Generation calls the root once per step: hooks.
         direct_root = False
-        if method == "forward":
+        if method != "generate":
             kind = type(model)
             direct_root = _TAKES_CALL.get(kind)
             if direct_root is None:

@@ -25,6 +25,7 @@ import torch.utils.hooks
 from raysight.graph.node import Location
 from raysight.runtime.batching import replace_rows
 from raysight.runtime.interpreter import Interleaver
+from raysight.util import WrapperModule
 
 ROOT_INPUT = ("", True)
 ROOT_OUTPUT = ("", False)
@@ -33,11 +34,6 @@ ROOT_OUTPUT = ("", False)
 _Handle = torch.utils.hooks.RemovableHandle
 _DIRECT: Any = None  # whether hooks go straight into a module's hook dicts (decided on first use)
 WRAP = True  # modules without hooks of their own get a wrapping forward rather than hooks (see the module doc)
-
-
-class _Identity(torch.nn.Module):
-    def forward(self, x: Any) -> Any:
-        return x
 
 
 def _direct_hooks_supported() -> bool:
@@ -55,7 +51,7 @@ def _direct_hooks_supported() -> bool:
     )
     if _DIRECT:  # check that torch calls a hook put in that way, with the arguments the API would give it
         seen: list = []
-        probe = _Identity()
+        probe = WrapperModule()
         state = probe.__dict__
         state["_forward_pre_hooks"][-1] = lambda m, a, k: seen.append(("pre", len(a), type(k)))
         state["_forward_pre_hooks_with_kwargs"][-1] = True

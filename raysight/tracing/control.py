@@ -1,4 +1,5 @@
-"""Graph-level helpers usable in any trace or session: apply, log, stop, cond, and builtins as nodes.
+"""Graph-level helpers usable in any trace or session: apply, log, stop, cond, iter, the ``trace`` decorator, and
+builtins as nodes (nnsight 0.4's module-level API).
 
 Outside a recording block each helper just does the plain thing (``raysight.list()`` is ``[]``).
 """
@@ -6,7 +7,8 @@ Outside a recording block each helper just does the plain thing (``raysight.list
 from __future__ import annotations
 
 import builtins
-from typing import Any
+import functools
+from typing import Any, Callable
 
 from raysight.errors import TraceError
 from raysight.graph.node import CALL_FUNCTION, COND, LOG, STOP
@@ -51,6 +53,28 @@ def cond(predicate: Any) -> Any:
     return Block(rec, rec.record(COND, None, (predicate,)).node)
 
 
+def iter(collection: Any, return_context: bool = False) -> Any:  # noqa: A001 - nnsight's name
+    """``with raysight.iter(collection) as item:`` — the same as ``session.iter(...)`` / ``tracer.iter(...)`` of the
+    session or trace being recorded: the body is recorded once and runs once per element."""
+    from raysight.tracing.session import loop_over
+
+    return loop_over(_recording("iter()"), collection, return_context)
+
+
+def trace(fn: Callable) -> Callable:
+    """Decorator: ``@raysight.trace def f(...)`` makes every call of ``f`` inside a trace one node (as
+    ``raysight.apply(f, ...)``) instead of tracing through its body; outside a trace ``f`` runs as usual."""
+    if not callable(fn):
+        raise TypeError(f"raysight.trace decorates a function (`@raysight.trace`), got {type(fn).__name__}; to run a "
+                        "model use `model.trace(...)`")  # fmt: skip
+
+    @functools.wraps(fn)
+    def applied(*args: Any, **kwargs: Any) -> Any:
+        return apply(fn, *args, **kwargs)
+
+    return applied
+
+
 def _builtin(kind: type) -> Any:
     def make(*args: Any, **kwargs: Any) -> Any:
         rec = current_recorder()
@@ -75,5 +99,5 @@ bytes = _builtin(builtins.bytes)  # noqa: A001
 bytearray = _builtin(builtins.bytearray)  # noqa: A001
 complex = _builtin(builtins.complex)  # noqa: A001
 
-__all__ = ["Proxy", "apply", "log", "stop", "cond", "list", "dict", "tuple", "set", "int", "float", "str", "bool",
+__all__ = ["Proxy", "apply", "log", "stop", "cond", "iter", "trace", "list", "dict", "tuple", "set", "int", "float", "str", "bool",
            "bytes", "bytearray", "complex"]  # fmt: skip

@@ -73,7 +73,10 @@ class Scan:
         run: Callable[[tuple, dict], Any],
         args: tuple,
         kwargs: dict,
+        root_call: bool = False,
     ) -> None:
+        """``root_call``: the root's values are the arguments and result of ``run`` itself (a trace running another
+        method than forward, ``trace(method=...)``), not those of the root module's forward."""
         self.values: dict[tuple, list] = {}
         device = _input_device(args, kwargs)
         state = {name: to_fake(mode, t, _weight_device(t, device)) for name, t in _state(root)}
@@ -81,13 +84,17 @@ class Scan:
         handles = []
         try:
             for path, module in modules.items():
+                if root_call and not path:
+                    continue
                 handles.append(module.register_forward_pre_hook(self._pre(path), with_kwargs=True))
                 handles.append(module.register_forward_hook(self._post(path)))
             with mode, _swapped(root, state):
-                run(fake_args, fake_kwargs)
+                output = run(fake_args, fake_kwargs)
         finally:
             for handle in handles:
                 handle.remove()
+        if root_call:
+            self.values[("", True)], self.values[("", False)] = [(fake_args, fake_kwargs)], [output]
 
     def _pre(self, path: str) -> Callable:
         def hook(module: Any, args: tuple, kwargs: dict) -> None:

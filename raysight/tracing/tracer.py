@@ -187,9 +187,11 @@ class Tracer:
     def scan_inputs(self, args: tuple, kwargs: dict) -> "scan_mod.Scan":
         model = self.model
         modules = {path: envoy._module for path, envoy in model._by_path.items()}
-        extra = self._forward_kwargs if self._method == "forward" else {}  # a generate scan sees the first step
-        run = lambda a, k: model._execute("forward", a, {**k, **extra}, dispatch=False)  # noqa: E731
-        return scan_mod.Scan(self.fake_mode(), model._module, modules, run, args, kwargs)
+        method = model._scan_method(self._method)
+        extra = self._forward_kwargs if method == self._method else {}  # a generate scan sees the first step only
+        run = lambda a, k: model._execute(method, a, {**k, **extra}, dispatch=False)  # noqa: E731
+        return scan_mod.Scan(self.fake_mode(), model._module, modules, run, args, kwargs,
+                             root_call=method not in ("forward", "generate"))  # fmt: skip
 
     def _record_meta(self, node: Node) -> None:
         meta = self._meta

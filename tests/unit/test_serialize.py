@@ -165,6 +165,10 @@ def _mutate(model, change):
         (lambda r: r["models"][0].update(training=["", "layer7"]), r"\['layer7'\] in training mode.*no such module"),
         (lambda r: r["models"][0].update(frozen=["layer1.nope"]), r"freezes parameter\(s\) \['layer1.nope'\]"),
         (lambda r: r["invokes"][0]["args"]["items"][0].update(id="x"), "a tensor's id must be an int"),
+        (lambda r: r.update(method="__init__"), r"'__init__' is not a method a trace can run"),
+        (lambda r: r.update(method="os.system"), r"'os.system' is not a method a trace can run"),
+        (lambda r: r.update(method="load_state_dict"), r"restricted mode: running the model's method "
+                                                       r"'load_state_dict' is refused"),
     ],
 )
 def test_hostile_payloads_are_refused_with_a_wire_error(model, change, message):
