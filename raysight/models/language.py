@@ -253,6 +253,35 @@ class LanguageModel(NNsight):
             batch[key] = torch.cat(pieces, dim=0)
         return (), batch
 
+    def _ended_early(self, method: str, kwargs: dict, output: Any) -> Optional[str]:
+        """A generation ends early when every sequence reached its end-of-sequence token before max_new_tokens:
+        then a `.next()` loop over max_new_tokens steps reads steps that never came (their values stay unset)."""
+        asked, prompt = kwargs.get("max_new_tokens"), kwargs.get("input_ids")
+        ids = getattr(output, "sequences", output)  # (return_dict_in_generate=True)
+        if method != "generate" or type(asked) is not int or not isinstance(prompt, torch.Tensor) or not (
+            isinstance(ids, torch.Tensor) and ids.ndim == 2
+        ):
+            return None
+        start = 1 if getattr(self.config, "is_encoder_decoder", False) else prompt.shape[-1]  # (decoder start id)
+        made = ids.shape[-1] - start
+        if made >= asked:
+            return None
+        return (f"the generation ended after {made} of max_new_tokens={asked} steps (every sequence reached its "
+                "end-of-sequence token; pass min_new_tokens= to generate them all)")  # fmt: skip
+
+    def _batch_factors(self, method: str, kwargs: dict) -> tuple[int, ...]:
+        """Generation runs num_beams rows per prompt (num_return_sequences when sampling) and returns
+        num_return_sequences rows per prompt, each prompt's rows next to each other."""
+        if method != "generate":
+            return ()
+        config = kwargs.get("generation_config") or getattr(self._module, "generation_config", None)
+        factors = set()
+        for name in ("num_beams", "num_return_sequences"):
+            k = kwargs.get(name, getattr(config, name, 1))
+            if type(k) is int and k > 1:
+                factors.add(k)
+        return tuple(sorted(factors))
+
     def _scan_method(self, method: str) -> str:
         """A scan of a generation runs its first step: one forward pass."""
         return "forward" if method == "generate" else method

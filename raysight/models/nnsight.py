@@ -240,6 +240,16 @@ class NNsight(Envoy):
             return call(target, args, kwargs)
         return target(*args, **kwargs)
 
+    def _ended_early(self, method: str, kwargs: dict, output: Any) -> Optional[str]:
+        """Why the run made fewer module calls than asked for (reads of the missing calls are then skipped, not
+        errors), or None: a forward pass always runs to its end."""
+        return None
+
+    def _batch_factors(self, method: str, kwargs: dict) -> tuple[int, ...]:
+        """The k of a run that expands every input row into k rows next to each other (see runtime/batching.py):
+        invokes then get their k-row blocks of such values. A forward pass expands nothing."""
+        return ()
+
     def _scan_method(self, method: str) -> str:
         """The method a scan (fake run) of a trace running ``method`` calls: the same one."""
         return method

@@ -1,8 +1,11 @@
 """Batch rows of invokes: narrowing a module value to one invoke's rows, and writing an invoke's rows back.
 
 Narrowing returns *views* (``tensor.narrow``), so in-place edits of an invoke's rows change the real batch. A value
-is narrowed where it is a tensor whose first dimension is the batch; anything else is passed whole. Replacing an
-invoke's rows builds a new tensor (``torch.cat``) instead of copying in place, so autograd stays intact.
+is narrowed where it is a tensor whose first dimension is the batch; anything else is passed whole. A run that
+expands every prompt into k rows next to each other (beam search, ``num_return_sequences``: HF's
+``repeat_interleave``) names its factors k, and a first dimension of k x the batch is narrowed to the invoke's k-row
+blocks. Replacing an invoke's rows builds a new tensor (``torch.cat``) instead of copying in place, so autograd stays
+intact.
 """
 
 from __future__ import annotations
@@ -17,11 +20,25 @@ from raysight.errors import StructureError
 
 @dataclass(frozen=True)
 class Rows:
-    """The rows ``[start, start + size)`` of a batch of ``total`` rows that belong to one invoke."""
+    """The rows ``[start, start + size)`` of a batch of ``total`` rows that belong to one invoke; with ``factors``,
+    also rows ``[k * start, k * (start + size))`` of a batch expanded to ``k * total`` rows, for each k."""
 
     start: int
     size: int
     total: int
+    factors: tuple[int, ...] = ()
+
+    def span(self, tensor: torch.Tensor) -> Optional[tuple[int, int]]:
+        """(first row, number of rows) of this invoke in ``tensor``, or None if its first dimension is not a batch."""
+        if tensor.dim() == 0:
+            return None
+        n = tensor.shape[0]
+        if n == self.total:
+            return self.start, self.size
+        if self.factors and n % self.total == 0 and n // self.total in self.factors:
+            k = n // self.total
+            return self.start * k, self.size * k
+        return None
 
 
 def narrow(value: Any, rows: Optional[Rows]) -> Any:
@@ -29,9 +46,8 @@ def narrow(value: Any, rows: Optional[Rows]) -> Any:
     if rows is None:
         return value
     if isinstance(value, torch.Tensor):
-        if value.dim() > 0 and value.shape[0] == rows.total:
-            return value.narrow(0, rows.start, rows.size)
-        return value
+        span = rows.span(value)
+        return value if span is None else value.narrow(0, *span)
     if isinstance(value, (list, tuple)):
         items = [narrow(v, rows) for v in value]
         return _rebuild_sequence(value, items)
@@ -52,15 +68,17 @@ def replace_rows(full: Any, rows: Optional[Rows], new: Any, where: str) -> Any:
 
 def _replace(full: Any, rows: Rows, new: Any) -> Any:
     if isinstance(full, torch.Tensor):
-        if full.dim() > 0 and full.shape[0] == rows.total:
-            if new.shape[1:] != full.shape[1:] or new.shape[0] != rows.size:
+        span = rows.span(full)
+        if span is not None:
+            start, size = span
+            if new.shape[1:] != full.shape[1:] or new.shape[0] != size:
                 raise StructureError(
                     f"the new value has shape {tuple(new.shape)} but the invoke's rows have shape "
-                    f"{(rows.size, *full.shape[1:])}; keep the shape, or set the value for the whole batch "
+                    f"{(size, *full.shape[1:])}; keep the shape, or set the value for the whole batch "
                     "outside the invokes"
                 )
             new = new.to(device=full.device, dtype=full.dtype)
-            pieces = [full[: rows.start], new, full[rows.start + rows.size :]]
+            pieces = [full[:start], new, full[start + size :]]
             return torch.cat([p for p in pieces if p.shape[0]], dim=0)
         return new
     if isinstance(full, (list, tuple)):

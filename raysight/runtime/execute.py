@@ -52,7 +52,7 @@ def run_trace(
             locations = locations | edit_locations
             body = wrappers + list(body)
             nodes = nodes + copies
-        streams = _streams(body, invokes)
+        streams = _streams(body, invokes, model._batch_factors(method, forward_kwargs))
         interleaver = Interleaver(nodes, streams, module_at, parent=parent)
         if edits:
             interleaver.edit_start = edit_start
@@ -81,15 +81,18 @@ def run_trace(
                 interleaver.start()
                 try:
                     if direct_root:
-                        model._execute(method, args, kwargs, call=hooks.call_root)
+                        output = model._execute(method, args, kwargs, call=hooks.call_root)
                     else:
-                        model._execute(method, args, kwargs)
+                        output = model._execute(method, args, kwargs)
                 except EarlyStop:
                     return interleaver
                 except Exception as exc:
                     if interleaver.reshaped is not None and getattr(exc, "_raysight_node", None) is None:
                         _note_reshape(exc, *interleaver.reshaped)  # the model failed after a write changed a shape
                     raise
+                ended = model._ended_early(method, kwargs, output)
+                if ended is not None:
+                    interleaver.ended_early = ended
                 interleaver.finish()
             finally:
                 interleaver.call_root = None  # it points back at the interleaver: no cycle left for the collector
@@ -166,7 +169,7 @@ def run_session(graph: Graph, deadline: Optional[float] = None, log_to: Any = No
     return interleaver.results()
 
 
-def _streams(body: list, invokes: list) -> list[tuple[list, Optional[Rows], str]]:
+def _streams(body: list, invokes: list, factors: tuple = ()) -> list[tuple[list, Optional[Rows], str]]:
     if len(body) == 1 and len(invokes) == 1 and body[0].op is INVOKE:  # the common `model.trace(x)`
         return [(body[0].body, None, "invoke 0")]
     sizes = [inv.batch_size for inv in invokes]
@@ -178,7 +181,7 @@ def _streams(body: list, invokes: list) -> list[tuple[list, Optional[Rows], str]
         elif node.op is INVOKE:
             i = node.target
             whole = sizes[i] == total or sizes[i] == 0  # an invoke without input sees the whole batch
-            rows = None if whole else Rows(sum(sizes[:i]), sizes[i], total)
+            rows = None if whole else Rows(sum(sizes[:i]), sizes[i], total, factors)
             streams.append((node.body, rows, f"invoke {i}"))
     if len(streams) < len(body):  # there is code outside the invokes
         streams.append((body, None, "the code outside invokes"))

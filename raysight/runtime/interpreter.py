@@ -68,6 +68,9 @@ class Interleaver(Gradients, Loops, Ops):
     grad_overrides: Any = MappingProxyType({})
 
     reshaped: Optional[tuple] = None  # (node, old shape, new shape) of the last write that changed a shape
+    # why the model made fewer calls than it was asked to (a generation whose every sequence ended before
+    # max_new_tokens): reads of the calls that never came are then skipped, not errors
+    ended_early: Optional[str] = None
     _parent: Optional["Interleaver"] = None  # the session's interleaver, for a trace of a session
 
     def __init__(
@@ -424,6 +427,11 @@ class Interleaver(Gradients, Loops, Ops):
         fired = self.counts.get((loc.path, loc.is_input), 0)
         if stream.open_ended:
             raise RegionEnd()
+        if fired and call >= fired and self.ended_early is not None:
+            logger.warning("%s was not reached in %s: %s; its value is not set", loc, stream.label,
+                           self.ended_early)  # fmt: skip
+            self._skip(node)
+            return
         if fired and call >= fired:
             module = loc.describe().rsplit(".", 1)[0]
             raise annotate(

@@ -197,6 +197,56 @@ def test_max_new_tokens_below_one_raises_valueerror(bad, llama, count_calls):
     assert_no_hooks(module)
 
 
+def _stop_token_at_step(ref, tok, text: str, step: int) -> tuple[int, torch.Tensor]:
+    """A token the model generates at ``step`` (0-based) and not before, and the plain-HF generation that uses it as
+    end-of-sequence: it ends early, after ``step + 1`` of N new tokens."""
+    free = _generate_alone(ref, tok, text)[0, -N:]
+    assert int(free[step]) not in free[:step].tolist(), "pick another prompt: its stop token comes earlier"
+    eos = int(free[step])
+    ended = _generate_alone(ref, tok, text, exact=False, eos_token_id=eos)
+    assert ended.shape[1] == len(tok(text)["input_ids"]) + step + 1
+    return eos, ended
+
+
+def test_a_next_loop_over_max_new_tokens_keeps_the_steps_of_a_generation_that_ended_early(
+    llama, llama_ref, lm_tokenizer
+):
+    """nnsight 0.4's multi-token loop on a generation that hits its end-of-sequence token after 2 of N steps: the
+    reads of the steps that never came are not set (and what uses them is skipped); the run is not an error."""
+    eos, ended = _stop_token_at_step(llama_ref, lm_tokenizer, TEXT, 1)
+    with llama.generate(TEXT, max_new_tokens=N, eos_token_id=eos):
+        tokens = raysight.list().save()
+        last = None
+        for _ in range(N):
+            last = llama.lm_head.output[0, -1].argmax(dim=-1).save()
+            tokens.append(last)
+            llama.lm_head.next()
+        ids = llama.generator.output.save()
+    made = ended.shape[1] - len(lm_tokenizer(TEXT)["input_ids"])
+    assert made == 2 < N
+    assert torch.equal(ids.value, ended)
+    assert [int(t) for t in tokens.value] == ended[0, -made:].tolist()
+    with pytest.raises(ValueError, match="was never produced"):
+        last.value  # the last step's read: that step never ran
+    assert_no_hooks(hf_module(llama))
+
+
+def test_iter_over_steps_of_a_generation_that_ended_early_keeps_the_steps_that_ran(llama, llama_ref, lm_tokenizer):
+    eos, ended = _stop_token_at_step(llama_ref, lm_tokenizer, TEXT, 1)
+    with llama.generate(TEXT, max_new_tokens=N, eos_token_id=eos) as tracer:
+        tokens = raysight.list().save()
+        with tracer.iter[1:N]:
+            tokens.append(llama.lm_head.output[0, -1].argmax(dim=-1))
+    assert [int(t) for t in tokens.value] == ended[0, -1:].tolist()  # step 1 only: steps 2.. never ran
+
+
+def test_next_past_max_new_tokens_of_a_full_generation_is_missed_provider_error(llama):
+    with pytest.raises(raysight.MissedProviderError, match=r"ran only 2 time\(s\)"):
+        with llama.generate(TEXT, max_new_tokens=2, min_new_tokens=2):
+            llama.lm_head.next().next().output.save()
+    assert_no_hooks(hf_module(llama))
+
+
 def test_an_error_while_generating_leaves_no_hooks(llama):
     module = hf_module(llama)
     with pytest.raises(IndexError):
@@ -217,6 +267,46 @@ def test_beam_search_generates_like_plain_hf(gpt2, gpt2_ref, lm_tokenizer):
     with gpt2.generate("the quick brown fox", max_new_tokens=3, min_new_tokens=3, num_beams=2, do_sample=False):
         ids = gpt2.generator.output.save()
     assert torch.equal(ids.value, want)
+
+
+BEAMS = dict(max_new_tokens=3, min_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+PAIR = ("the quick brown fox", "a lazy old dog")  # (the same number of tokens: no padding between them)
+
+
+def test_beam_search_invokes_get_their_own_beams_and_returned_sequences(gpt2, gpt2_ref, lm_tokenizer):
+    """Beam search runs num_beams rows per prompt and returns num_return_sequences rows per prompt: each invoke sees
+    its own block of rows, in every step and in the generated ids."""
+    assert len(lm_tokenizer(PAIR[0])["input_ids"]) == len(lm_tokenizer(PAIR[1])["input_ids"])
+    with torch.no_grad():
+        want = [gpt2_ref.generate(**encode(gpt2_ref, lm_tokenizer, p), pad_token_id=lm_tokenizer.pad_token_id, **BEAMS)
+                for p in PAIR]  # fmt: skip
+    with gpt2.generate(**BEAMS) as tracer:
+        with tracer.invoke(PAIR[0]):
+            first = gpt2.generator.output.save()
+        with tracer.invoke(PAIR[1]):
+            head = gpt2.lm_head.output.save()  # the prompt step: 2 beams of this prompt
+            second = gpt2.generator.output.save()
+        whole = gpt2.lm_head.output.save()  # outside the invokes: all 4 rows
+    assert torch.equal(first.value, want[0]) and torch.equal(second.value, want[1])
+    assert head.value.shape[0] == 2 and whole.value.shape[0] == 4
+    assert torch.equal(head.value, whole.value[2:])
+
+
+def test_beam_search_edit_in_one_invoke_leaves_the_others_beams(gpt2, gpt2_ref, lm_tokenizer):
+    with torch.no_grad():
+        want = gpt2_ref.generate(**encode(gpt2_ref, lm_tokenizer, PAIR[0]), pad_token_id=lm_tokenizer.pad_token_id,
+                                 **BEAMS)  # fmt: skip
+        alone = gpt2_ref.generate(**encode(gpt2_ref, lm_tokenizer, PAIR[1]), pad_token_id=lm_tokenizer.pad_token_id,
+                                  **BEAMS)  # fmt: skip
+    with gpt2.generate(**BEAMS) as tracer:
+        with tracer.invoke(PAIR[0]):
+            first = gpt2.generator.output.save()
+        with tracer.invoke(PAIR[1]):
+            with gpt2.transformer.h[-1].all():
+                gpt2.transformer.h[-1].output[:] = 0  # every step, this prompt's beams only
+            second = gpt2.generator.output.save()
+    assert torch.equal(first.value, want)
+    assert second.value.shape == alone.shape and not torch.equal(second.value, alone)
 
 
 def _step_logits(ref, inputs, n, tok):
