@@ -115,8 +115,9 @@ class NNsight(Envoy):
         wherever it calls its submodules). ``debug`` is accepted for nnsight 0.4's code: raysight's errors always
         name the user's line. ``blocking=False`` (nnsight's background NDIF requests) is refused with an error.
         """
-        method = self._method_name(method)
-        _check_blocking(blocking)
+        method = "forward" if method is None else self._method_name(method)
+        if blocking is not True:
+            _check_blocking(blocking)
         if remote and backend is None:
             backend = _backend_for(remote, backend)
         if not trace:  # run now; still through a trace, so persistent edits apply

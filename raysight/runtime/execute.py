@@ -52,7 +52,7 @@ def run_trace(
             locations = locations | edit_locations
             body = wrappers + list(body)
             nodes = nodes + copies
-        streams = _streams(body, invokes, model._batch_factors(method, forward_kwargs))
+        streams = _streams(body, invokes, lambda: model._batch_factors(method, forward_kwargs))
         interleaver = Interleaver(nodes, streams, module_at, parent=parent)
         if edits:
             interleaver.edit_start = edit_start
@@ -90,9 +90,8 @@ def run_trace(
                     if interleaver.reshaped is not None and getattr(exc, "_raysight_node", None) is None:
                         _note_reshape(exc, *interleaver.reshaped)  # the model failed after a write changed a shape
                     raise
-                ended = model._ended_early(method, kwargs, output)
-                if ended is not None:
-                    interleaver.ended_early = ended
+                if method != "forward":  # (a forward pass always runs to its end)
+                    interleaver.ended_early = model._ended_early(method, kwargs, output)
                 interleaver.finish()
             finally:
                 interleaver.call_root = None  # it points back at the interleaver: no cycle left for the collector
@@ -169,12 +168,15 @@ def run_session(graph: Graph, deadline: Optional[float] = None, log_to: Any = No
     return interleaver.results()
 
 
-def _streams(body: list, invokes: list, factors: tuple = ()) -> list[tuple[list, Optional[Rows], str]]:
+def _streams(body: list, invokes: list, batch_factors: Any = tuple) -> list[tuple[list, Optional[Rows], str]]:
+    """The streams of a trace: one per invoke (with its rows; ``batch_factors()`` gives the expansions of the run,
+    see Rows), one per persistent edit, and one for the code outside invokes."""
     if len(body) == 1 and len(invokes) == 1 and body[0].op is INVOKE:  # the common `model.trace(x)`
         return [(body[0].body, None, "invoke 0")]
     sizes = [inv.batch_size for inv in invokes]
     total = sum(sizes)
     streams: list[tuple[list, Optional[Rows], str]] = []
+    factors = batch_factors() if len(invokes) > 1 else ()
     for node in body:
         if node.op is INVOKE and node.target == EDIT_INVOKE:
             streams.append((node.body, None, "an edit of the model"))
