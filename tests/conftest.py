@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import raysight
-from helpers import MLP, BNNet, CallCounter, KwNet, Loop, RealCallCounter, RNNLike, Stack, TupleNet
+from helpers import MLP, AutoEncoder, BNNet, CallCounter, KwNet, Loop, RealCallCounter, RNNLike, Stack, TupleNet
 
 
 # -- fixtures ------------------------------------------------------------------------------------------------
@@ -26,6 +26,17 @@ def mlp() -> MLP:
 @pytest.fixture
 def model(mlp: MLP) -> raysight.NNsight:
     return raysight.NNsight(mlp)
+
+
+@pytest.fixture
+def ae() -> AutoEncoder:
+    torch.manual_seed(0)
+    return AutoEncoder()
+
+
+@pytest.fixture
+def ae_model(ae: AutoEncoder) -> raysight.NNsight:
+    return raysight.NNsight(ae)
 
 
 @pytest.fixture

@@ -136,9 +136,9 @@ class NNsight(Envoy):
             validate=validate,
         )
 
-    def _method_name(self, method: Optional[str]) -> str:
-        """The method of the wrapped module a trace runs (``forward`` unless ``method=`` names another)."""
-        if method is None or method == "forward":
+    def _method_name(self, method: Any) -> str:
+        """The method of the wrapped module a trace runs, checked: ``method=`` as given (``forward`` or another)."""
+        if method == "forward":
             return "forward"
         if not isinstance(method, str) or not method.isidentifier() or method.startswith("_"):
             raise ValueError(f"method= names a public method of the wrapped module to run instead of its forward "

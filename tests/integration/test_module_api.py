@@ -8,21 +8,10 @@ import itertools
 
 import pytest
 import torch
-from helpers import AutoEncoder, assert_no_hooks, unchanged
+from helpers import assert_no_hooks, unchanged
 
 import raysight
 from raysight.util import WrapperModule
-
-
-@pytest.fixture
-def ae() -> AutoEncoder:
-    torch.manual_seed(0)
-    return AutoEncoder()
-
-
-@pytest.fixture
-def ae_model(ae: AutoEncoder) -> raysight.NNsight:
-    return raysight.NNsight(ae)
 
 
 # -- raysight.iter ---------------------------------------------------------------------------------------------
