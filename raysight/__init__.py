@@ -33,6 +33,7 @@ from raysight.tracing.control import (
     int,
     iter,
     list,
+    local,
     log,
     set,
     stop,
@@ -66,7 +67,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "NNsight", "LanguageModel", "Envoy", "init", "serve", "pools", "extract", "Proxy", "Graph", "Node", "Op",
-    "Location", "apply", "log", "stop", "cond", "iter", "trace",
+    "Location", "apply", "log", "stop", "cond", "iter", "trace", "local",
     "list", "dict", "tuple", "set", "int", "float", "str", "bool", "bytes", "bytearray", "complex",
     "RaysightError", "TraceError", "OutOfOrderError", "InterventionError", "StructureError", "MissedProviderError",
     "RemoteExecutionError", "TimeLimitError",

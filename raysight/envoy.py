@@ -230,7 +230,7 @@ class Envoy:
         if rec is None or not rec.recording:
             return self._module(*args, **kwargs)
         self._recorder("__call__")
-        if hook:
+        if hook or rec.hook_calls:
             kwargs["hook"] = True
         return rec.record(CALL_MODULE, self._path, args, kwargs)
 

@@ -32,6 +32,7 @@ class Recorder(Protocol):
 
     graph: Any
     recording: bool
+    hook_calls: bool  # module calls record as ``hook=True`` whatever the caller passed (inside model.edit())
 
     def record(self, op: Op, target: Any, args: tuple = (), kwargs: Optional[dict] = None) -> "Proxy": ...
 

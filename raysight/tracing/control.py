@@ -11,7 +11,7 @@ import functools
 from typing import Any, Callable
 
 from raysight.errors import TraceError
-from raysight.graph.node import CALL_FUNCTION, COND, LOG, STOP
+from raysight.graph.node import CALL_FUNCTION, COND, LOG
 from raysight.graph.proxy import Proxy, current_recorder
 
 
@@ -41,8 +41,9 @@ def log(*values: Any, **print_kwargs: Any) -> None:
 
 
 def stop() -> None:
-    """End the forward pass once everything recorded before this line has run."""
-    _recording("stop()").record(STOP, None)
+    """``tracer.stop()`` in a trace (end the forward pass once everything recorded before this line has run);
+    ``session.stop()`` in a session (end it, or inside a ``session.iter`` body end that loop)."""
+    _recording("stop()").stop()
 
 
 def cond(predicate: Any) -> Any:
@@ -75,6 +76,26 @@ def trace(fn: Callable) -> Callable:
     return applied
 
 
+class _Local:
+    """The context of ``with raysight.local():``; see :func:`local`."""
+
+    def __enter__(self) -> None:
+        _recording("local()")
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+
+def local(fn: Any = None) -> Any:
+    """nnsight 0.4's ``with nnsight.local():`` / ``@nnsight.local``. nnsight runs such a body on the client while the
+    rest runs on NDIF, and inline when the trace is not remote. raysight records the body with the graph, as that
+    non-remote case: on a Ray pool it runs on the actor next to the model (what it prints goes to the driver's log
+    through Ray). ``raysight.local(fn)`` is :func:`trace`: each call of ``fn`` is one node."""
+    if fn is None:
+        return _Local()
+    return trace(fn)
+
+
 def _builtin(kind: type) -> Any:
     def make(*args: Any, **kwargs: Any) -> Any:
         rec = current_recorder()
@@ -99,5 +120,5 @@ bytes = _builtin(builtins.bytes)  # noqa: A001
 bytearray = _builtin(builtins.bytearray)  # noqa: A001
 complex = _builtin(builtins.complex)  # noqa: A001
 
-__all__ = ["Proxy", "apply", "log", "stop", "cond", "iter", "trace", "list", "dict", "tuple", "set", "int", "float", "str", "bool",
+__all__ = ["Proxy", "apply", "log", "stop", "cond", "iter", "trace", "local", "list", "dict", "tuple", "set", "int", "float", "str", "bool",
            "bytes", "bytearray", "complex"]  # fmt: skip

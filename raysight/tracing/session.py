@@ -24,6 +24,7 @@ class Session:
     """``with model.session() as session:`` — see the module docstring."""
 
     is_session = True
+    hook_calls = False
 
     def __init__(self, backend: Any = None, validate: bool = False) -> None:
         self.validate = validate  # traces opened in it validate their operations on fake values
@@ -76,6 +77,8 @@ class Session:
     def apply(self, fn: Any, *args: Any, **kwargs: Any) -> Proxy:
         """Call ``fn(*args, **kwargs)`` as one node when the session runs."""
         return self.record(CALL_FUNCTION, fn, args, kwargs)
+
+    local = staticmethod(Tracer.local)
 
     # -- context --------------------------------------------------------------------------------------------
     def __enter__(self) -> "Session":

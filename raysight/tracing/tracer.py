@@ -50,6 +50,7 @@ class Tracer:
 
     # Defaults live on the class: a tracer is made per trace, so only what differs is set per instance.
     recording = False
+    hook_calls = False  # model.edit(): module calls always run through hooks (nnsight 0.4's EditingBackend)
     root_module: Any = None  # while recording: the module whose envoys record here
     _invoker: Optional["Invoker"] = None
     _implicit: Optional["Invoker"] = None
@@ -324,6 +325,13 @@ class Tracer:
     def apply(self, fn: Any, *args: Any, **kwargs: Any) -> Proxy:
         """Call ``fn(*args, **kwargs)`` as one node when the graph runs."""
         return self.record(CALL_FUNCTION, fn, args, kwargs)
+
+    @staticmethod
+    def local(fn: Any = None) -> Any:
+        """nnsight 0.4's ``tracer.local()``: see :func:`raysight.local`."""
+        from raysight.tracing.control import local
+
+        return local(fn)
 
     # -- context --------------------------------------------------------------------------------------------
     def __enter__(self) -> "Tracer":

@@ -304,6 +304,26 @@ def test_edit_calling_an_attached_module_with_hook_true(model, mlp, x):
     assert_no_hooks(mlp)
 
 
+def test_module_called_in_an_edit_is_hooked_without_hook_true(model, mlp, x):
+    """nnsight 0.4's editing tutorial: ``submodule.sae(acts)`` inside ``model.edit()`` runs through the attached
+    module's hooks (as with ``hook=True``), so later traces read ``.sae.output``; in a trace the call stays unhooked."""
+    model.layer1.extra = nn.Linear(10, 10)
+    want_extra = mlp.layer1.extra(mlp.layer1(x))
+    with model.edit() as edited:
+        model.layer1.output = model.layer1.extra(model.layer1.output)
+    with edited.trace(x):
+        seen = edited.layer1.extra.output.save()
+        out = edited.output.save()
+    assert _close(seen.value, want_extra)
+    assert _close(out.value, mlp.layer2(want_extra))
+    with model.trace(x):
+        model.layer1.output = model.layer1.extra(model.layer1.output)
+        unhooked = model.layer1.extra.output.save()
+    with pytest.raises(ValueError, match="never produced"):
+        unhooked.value
+    assert_no_hooks(mlp)
+
+
 # -- failing edits -----------------------------------------------------------------------------------------------------
 def test_failing_edit_with_an_input_raises_at_the_edit(model, mlp, x1, count_real_calls):
     reached_end = []

@@ -53,6 +53,32 @@ def test_raysight_iter_with_return_context_stops_only_its_loop(model):
     assert seen.value == [*itertools.takewhile(lambda i: i != 2, items), -1]
 
 
+def test_module_level_stop_and_cond_in_a_session_loop_end_that_loop_only(model):
+    """The walkthrough's ``with session.iter(items) as item: with nnsight.cond(item == 2): nnsight.stop()``: the
+    module-level stop in a session is the session's, so it ends the loop (not an error, not the whole session)."""
+    items = [0, 1, 2, 3]
+    with model.session() as session:
+        seen = raysight.list().save()
+        with session.iter(items) as item:
+            seen.append(item)
+            with raysight.cond(item == 2):
+                raysight.stop()
+        seen.append(-1)
+    assert seen.value == [*itertools.takewhile(lambda i: i != 3, items), -1]
+
+
+def test_module_level_stop_in_a_session_ends_the_session(model, mlp, x):
+    with model.session():
+        with model.trace(x):
+            first = model.layer1.output.save()
+        raysight.stop()
+        with model.trace(x):
+            second = model.layer1.output.save()
+    torch.testing.assert_close(first.value, mlp.layer1(x))
+    with pytest.raises(ValueError, match="never produced"):
+        second.value
+
+
 def test_raysight_iter_nests(model):
     rows = [[1, 2], [3], [4, 5, 6]]
     with model.session():
@@ -105,6 +131,42 @@ def test_trace_decorator_outside_a_trace_runs_the_function_and_keeps_its_name():
 def test_trace_decorator_refuses_a_non_callable():
     with pytest.raises(TypeError, match=r"raysight\.trace decorates a function.*model\.trace"):
         raysight.trace(torch.zeros(2))
+
+
+# -- raysight.local ---------------------------------------------------------------------------------------------
+def test_local_block_runs_its_body_in_place_like_a_non_remote_nnsight_trace(model, mlp, x):
+    """The 0.4 guide's ``with nnsight.local(): hs = my_local_fn(hs)`` then ``layers[-1].output[:] = hs``."""
+    with model.trace(x) as tracer:
+        hs = model.layer1.output
+        with raysight.local():
+            hs = top_unit(hs) * 0 + hs * 2
+        with tracer.local():
+            doubled = hs.save()
+        model.layer1.output[:] = hs
+        out = model.output.save()
+    h = mlp.layer1(x)
+    torch.testing.assert_close(doubled.value, h * 2)
+    torch.testing.assert_close(out.value, mlp.layer2(h * 2))
+
+
+def test_local_as_a_decorator_is_one_node(model, mlp, x):
+    local_top = raysight.local(top_unit.__wrapped__)
+    with model.session() as session:
+        with model.trace(x):
+            hidden = model.layer1.output.save()
+            unit = local_top(hidden).save()
+        with session.local():
+            negated = local_top(hidden * -1).save()  # a session-level node, after the trace
+    h = mlp.layer1(x)
+    assert unit.value == int(h[0].argmax())
+    assert negated.value == int((-h)[0].argmax())
+
+
+@pytest.mark.local_only
+def test_local_outside_a_trace_is_a_trace_error():
+    with pytest.raises(raysight.TraceError, match=r"raysight\.local\(\) can only be used inside"):
+        with raysight.local():
+            pass
 
 
 # -- Envoy, envoy.to, util.WrapperModule ----------------------------------------------------------------------
