@@ -8,6 +8,7 @@
 Importing raysight patches nothing and starts nothing; it imports neither ray nor transformers.
 """
 
+from raysight.config import CONFIG
 from raysight.errors import (
     InterventionError,
     MissedProviderError,
@@ -66,7 +67,7 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'raysight' has no attribute {name!r}")
 
 __all__ = [
-    "NNsight", "LanguageModel", "Envoy", "init", "serve", "pools", "extract", "Proxy", "Graph", "Node", "Op",
+    "NNsight", "LanguageModel", "Envoy", "CONFIG", "init", "serve", "pools", "extract", "Proxy", "Graph", "Node", "Op",
     "Location", "apply", "log", "stop", "cond", "iter", "trace", "local",
     "list", "dict", "tuple", "set", "int", "float", "str", "bool", "bytes", "bytearray", "complex",
     "RaysightError", "TraceError", "OutOfOrderError", "InterventionError", "StructureError", "MissedProviderError",

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from raysight.backends.base import Request
+from raysight.config import CONFIG
 from raysight.errors import RaysightError, RemoteExecutionError
 from raysight.graph.serialize import Limits, WireError, decode_request, decode_result, encode_request, encode_result
 from raysight.runtime.execute import run_session, run_trace
@@ -125,7 +126,10 @@ def _take_client_state(model: Any, wire: Any, modes: list, buffers: list) -> Non
 
 
 def relay_logs(logs: Any) -> None:
-    """Print on the client what ``tracer.log`` printed where the graph ran (as a local run prints it)."""
+    """Print on the client what ``tracer.log`` printed where the graph ran (as a local run prints it), unless
+    ``raysight.CONFIG.APP.REMOTE_LOGGING`` is off."""
+    if not CONFIG.APP.REMOTE_LOGGING:
+        return
     for text in [logs] if isinstance(logs, str) else logs:
         if text:
             sys.stdout.write(text)

@@ -120,5 +120,5 @@ bytes = _builtin(builtins.bytes)  # noqa: A001
 bytearray = _builtin(builtins.bytearray)  # noqa: A001
 complex = _builtin(builtins.complex)  # noqa: A001
 
-__all__ = ["Proxy", "apply", "log", "stop", "cond", "iter", "trace", "local", "list", "dict", "tuple", "set", "int", "float", "str", "bool",
-           "bytes", "bytearray", "complex"]  # fmt: skip
+__all__ = ["Proxy", "apply", "log", "stop", "cond", "iter", "trace", "local", "list", "dict", "tuple", "set", "int",
+           "float", "str", "bool", "bytes", "bytearray", "complex"]  # fmt: skip
