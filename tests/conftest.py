@@ -163,3 +163,14 @@ def pytest_addoption(parser: Any) -> None:
     parser.addoption("--backend", default="all", choices=("all", "local", "wire", "ray"),
                      help="integration tests run on the local backend, through the wire format (remote='local') and "
                           "on a Ray actor of a local Ray cluster (remote=True); choose one to run only that")
+
+
+@pytest.fixture
+def restore_config() -> Any:
+    """Put every ``raysight.CONFIG`` setting back as it was after the test."""
+    config = raysight.CONFIG
+    saved = {section: dict(vars(getattr(config, section))) for section in ("API", "APP")}
+    yield
+    for section, values in saved.items():
+        for name, value in values.items():
+            setattr(getattr(config, section), name, value)

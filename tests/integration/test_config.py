@@ -4,21 +4,12 @@ flow rewriting) and NDIF's, kept and unused."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 from raysight import CONFIG
 
-
-@pytest.fixture(autouse=True)
-def restore_config() -> Iterator[None]:
-    saved = {section: dict(vars(getattr(CONFIG, section))) for section in ("API", "APP")}
-    yield
-    for section, values in saved.items():
-        for name, value in values.items():
-            setattr(getattr(CONFIG, section), name, value)
+pytestmark = pytest.mark.usefixtures("restore_config")  # (tests/conftest.py)
 
 
 def test_remote_logging_off_keeps_remote_log_lines_off_the_client(model, mlp, x, capsys, backend):

@@ -4,20 +4,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 
 from raysight import CONFIG
 
-
-@pytest.fixture(autouse=True)
-def restore_config() -> Iterator[None]:
-    saved = {section: dict(vars(getattr(CONFIG, section))) for section in ("API", "APP")}
-    yield
-    for section, values in saved.items():
-        for name, value in values.items():
-            setattr(getattr(CONFIG, section), name, value)
+pytestmark = pytest.mark.usefixtures("restore_config")  # (tests/conftest.py)
 
 
 @pytest.mark.parametrize("name", ["CONTROL_FLOW_HANDLING", "FRAME_INJECTION"])
