@@ -11,6 +11,7 @@ attributes. A child named ``output``, ``input`` or ``inputs`` takes the name, as
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterator, Optional
 
 import torch
@@ -40,6 +41,10 @@ class _ModuleValue:
 
 
 _VALUE_NAMES = ("output", "input", "inputs")
+# modules attached through an envoy (`envoy.sae = SAE()`): inside model.edit() a call of one is hooked, as in
+# nnsight 0.4, so later traces read its values. A call of a module the forward pass runs itself stays unhooked:
+# hooked, it would be that module's first call and shift the calls the edit's own reads of it mean.
+_ATTACHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 _NNS_NAMES = ("nns_output", "nns_input", "nns_inputs")
 # module methods that change training state: called while a trace or session records, they record (a training
 # loop's `model.zero_grad()` runs at each step, where the model is; `model.train()` ... `model.eval()` switch modes
@@ -230,7 +235,7 @@ class Envoy:
         if rec is None or not rec.recording:
             return self._module(*args, **kwargs)
         self._recorder("__call__")
-        if hook or rec.hook_calls:
+        if hook or (rec.hook_calls and self._module in _ATTACHED):
             kwargs["hook"] = True
         return rec.record(CALL_MODULE, self._path, args, kwargs)
 
@@ -274,6 +279,7 @@ class Envoy:
         elif isinstance(value, torch.nn.Module):
             self._module.add_module(name, value)
             self._add_child(name, value)
+            _ATTACHED.add(value)
         elif isinstance(value, Proxy):
             raise TraceError(
                 f"cannot store a proxy as attribute {name!r} of {self._describe()}; assign `.output`/`.input`, "

@@ -32,7 +32,7 @@ class Recorder(Protocol):
 
     graph: Any
     recording: bool
-    hook_calls: bool  # module calls record as ``hook=True`` whatever the caller passed (inside model.edit())
+    hook_calls: bool  # calls of attached modules record as ``hook=True`` (inside model.edit())
 
     def record(self, op: Op, target: Any, args: tuple = (), kwargs: Optional[dict] = None) -> "Proxy": ...
 

@@ -294,7 +294,7 @@ class Edit:
         self._target = target
         self._tracer = Tracer(model, inputs, invoker_kwargs=kwargs, validate=validate, execute=False)
         self._tracer.hook_calls = True  # as in nnsight 0.4: an attached module called in an edit is hooked, so
-        # its .output (and its children's) can be read in later traces
+        # its .output (and its children's) can be read in later traces (see envoy._ATTACHED)
 
     def __enter__(self) -> NNsight:
         self._tracer.__enter__()

@@ -50,7 +50,7 @@ class Tracer:
 
     # Defaults live on the class: a tracer is made per trace, so only what differs is set per instance.
     recording = False
-    hook_calls = False  # model.edit(): module calls always run through hooks (nnsight 0.4's EditingBackend)
+    hook_calls = False  # model.edit(): calls of attached modules run through hooks (see envoy._ATTACHED)
     root_module: Any = None  # while recording: the module whose envoys record here
     _invoker: Optional["Invoker"] = None
     _implicit: Optional["Invoker"] = None

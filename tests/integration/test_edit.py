@@ -324,6 +324,19 @@ def test_module_called_in_an_edit_is_hooked_without_hook_true(model, mlp, x):
     assert_no_hooks(mlp)
 
 
+def test_a_call_of_a_module_the_forward_runs_stays_unhooked_in_an_edit(model, mlp, x):
+    """Only attached modules are hooked when called in an edit: ``model.layer2(h)`` hooked would be layer2's first
+    call, and the edit's own ``layer2.output`` would then mean the ad-hoc call's."""
+    h = mlp.layer1(x)
+    with model.edit() as edited:
+        extra = model.layer2(model.layer1.output) * 0.5
+        model.layer2.output = model.layer2.output + extra
+    with edited.trace(x):
+        out = edited.output.save()
+    assert _close(out.value, mlp.layer2(h) * 1.5)
+    assert_no_hooks(mlp)
+
+
 # -- failing edits -----------------------------------------------------------------------------------------------------
 def test_failing_edit_with_an_input_raises_at_the_edit(model, mlp, x1, count_real_calls):
     reached_end = []
