@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -116,27 +117,41 @@ class LanguageModel(NNsight):
         return self._dispatched
 
     def dispatch(self) -> "LanguageModel":
-        """Load the real weights now (``from_pretrained`` with this model's ``device_map`` and dtype)."""
-        if not self._dispatched:
-            module = _load_weights(self._auto, self._source, self._load_kwargs)
-            modes = {name: m.training for name, m in self._module.named_modules()}
+        """Load the real weights now (``from_pretrained`` with this model's ``device_map`` and dtype). The envoys
+        already handed out stay valid (they now stand for the loaded modules), modules attached before
+        (``model.transformer.h[0].sae = SAE()``) are moved onto the loaded model, and the edited copies of this
+        model (made before or after) share the loaded weights."""
+        origin = self.__dict__.get("_origin", self)
+        if not origin._dispatched:
+            old = origin._module
+            module = _load_weights(origin._auto, origin._source, origin._load_kwargs)
+            modes = {name: m.training for name, m in old.named_modules()}
             for name, m in module.named_modules():  # `model.train()` before the weights were loaded still holds
                 m.training = modes.get(name, m.training)
-            self._rebuild(module)
-            self.__dict__["_dispatched"] = True
+            _carry_attached(old, module)
+            paths = {id(m): name for name, m in old.named_modules()}
+            for model in (origin, *origin.__dict__.get("_copies", ())):
+                model._rebind(module, paths)
         return self
 
-    def _rebuild(self, module: torch.nn.Module) -> None:
-        for key in [k for k, v in self.__dict__.items() if isinstance(v, Envoy)]:
-            del self.__dict__[key]
-        self.__dict__["_by_path"] = {}
-        Envoy.__init__(self, module, "", None)
-        self._add_generator()
+    def _rebind(self, module: torch.nn.Module, paths: dict[int, str]) -> None:
+        """Point this model's envoys at the modules of ``module`` (``paths``: id of an old module -> its path)."""
+        for envoy in self._by_path.values():
+            path = paths.get(id(envoy.__dict__["_module"]))
+            if path is not None:  # (the generator's envoy stands for no module of the model)
+                envoy.__dict__["_module"] = module.get_submodule(path) if path else module
+        self.__dict__["_module"] = module
+        self.__dict__["_dispatched"] = True
 
     def _copy(self) -> "LanguageModel":
-        """An edited copy has the hook points of generation too (``edited.generator.output``)."""
+        """An edited copy has the hook points of generation too (``edited.generator.output``); one made before the
+        weights are loaded gets them when this model (or it) loads them."""
         copy = super()._copy()
         copy.__dict__["generator"] = Envoy(self._generator_module, "generator", copy)
+        copy.__dict__.pop("_copies", None)
+        origin = copy.__dict__.setdefault("_origin", self)
+        if not origin._dispatched:
+            origin.__dict__.setdefault("_copies", weakref.WeakSet()).add(copy)
         return copy
 
     def _add_generator(self) -> None:
@@ -388,6 +403,17 @@ def _load_config(source: str, kwargs: dict) -> Any:
             f"{source!r} is not a Hugging Face model: no usable config.json there ({exc}). Give a local directory "
             "written by save_pretrained, a hub repo id, or an nn.Module"
         ) from exc
+
+
+def _carry_attached(old: torch.nn.Module, new: torch.nn.Module) -> None:
+    """Move the modules attached to the meta-device model ``old`` (those ``new``, loaded from the checkpoint, lacks)
+    onto ``new`` at the same paths."""
+    for name, child in list(old.named_modules())[1:]:
+        parent, _, leaf = name.rpartition(".")
+        try:
+            new.get_submodule(name)
+        except AttributeError:
+            new.get_submodule(parent).add_module(leaf, child)  # (with its own children: they are found next)
 
 
 def _load_weights(auto: Any, source: str, kwargs: dict) -> torch.nn.Module:

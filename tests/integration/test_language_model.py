@@ -16,8 +16,10 @@ SHORT = "hello world"
 ATOL = 1e-5
 
 
-def _state_equal(module: torch.nn.Module, ref: torch.nn.Module) -> None:
+def _state_equal(module: torch.nn.Module, ref: torch.nn.Module, ignore: tuple[str, ...] = ()) -> None:
+    """``module`` holds ``ref``'s weights (``ignore``: prefixes of entries only ``module`` has, e.g. attachments)."""
     mine, theirs = module.state_dict(), ref.state_dict()
+    mine = {k: v for k, v in mine.items() if not k.startswith(ignore)} if ignore else mine
     assert set(mine) == set(theirs)
     for key, value in theirs.items():
         assert mine[key].device.type != "meta", key
@@ -79,6 +81,42 @@ def test_envoy_taken_before_loading_reads_the_loaded_model(gpt2_path, gpt2_ref, 
     expected, _ = oracle_blocks(gpt2_ref, "gpt2", encode(gpt2_ref, lm_tokenizer, TEXT))
     assert hidden.value.device.type == "cpu"
     assert torch.allclose(hidden.value, expected[0], atol=ATOL)
+
+
+def test_module_attached_before_loading_runs_on_the_loaded_model(gpt2_path, gpt2_ref, lm_tokenizer):
+    """nnsight 0.4's SAE tutorial on a model not loaded yet: ``block.sae = SAE()`` on the meta-device shape, an
+    in-place edit calling it, then traces; loading the weights keeps the attachment and the envoys taken before."""
+    model = raysight.LanguageModel(str(gpt2_path))
+    block = model.transformer.h[0]
+    torch.manual_seed(3)
+    sae = torch.nn.Linear(gpt2_ref.config.n_embd, gpt2_ref.config.n_embd)
+    block.sae = sae
+    with model.edit(inplace=True):
+        block.sae(block.output)  # hooked (an attached module called in an edit), so its value can be read later
+    with model.trace(TEXT):
+        code = block.sae.output.save()
+        logits = model.output.logits.save()
+    hidden, _ = oracle_blocks(gpt2_ref, "gpt2", encode(gpt2_ref, lm_tokenizer, TEXT))
+    with torch.no_grad():
+        assert torch.allclose(code.value, sae(hidden[0]), atol=ATOL)
+    expected = oracle_forward(gpt2_ref, encode(gpt2_ref, lm_tokenizer, TEXT)).logits
+    assert torch.allclose(logits.value, expected, atol=ATOL)  # the edit only reads: the model's output is its own
+
+
+@pytest.mark.local_only  # inspects the client's own torch modules
+def test_loading_keeps_envoys_and_attachments_and_shares_weights_with_earlier_copies(gpt2_path, gpt2_ref):
+    model = raysight.LanguageModel(str(gpt2_path))
+    block = model.transformer.h[0]
+    block.extra = torch.nn.Linear(2, 2)
+    with model.edit() as edited:  # a copy made while the weights are not loaded
+        model.transformer.h[0].output[:] = 0
+    edited.dispatch()  # loading through the copy loads the model it was made from
+    assert model.dispatched and edited.dispatched
+    assert hf_module(edited) is hf_module(model)
+    assert block._module is hf_module(model).transformer.h[0]
+    assert hf_module(model).transformer.h[0].extra is block.extra._module
+    assert torch.equal(block.attn.c_attn.weight, gpt2_ref.transformer.h[0].attn.c_attn.weight)
+    _state_equal(hf_module(model), gpt2_ref, ignore=("transformer.h.0.extra.",))
 
 
 def test_dispatch_true_loads_at_once(gpt2_path, gpt2_ref):
