@@ -143,6 +143,14 @@ class LanguageModel(NNsight):
         self.__dict__["_module"] = module
         self.__dict__["_dispatched"] = True
 
+    def __getstate__(self) -> dict:
+        """What a pickle or deep copy (a server's copy of the model) keeps: not the link between this model and its
+        edited copies, so a copy made elsewhere loads its own weights when it needs them."""
+        state = dict(self.__dict__)
+        state.pop("_origin", None)
+        state.pop("_copies", None)
+        return state
+
     def _copy(self) -> "LanguageModel":
         """An edited copy has the hook points of generation too (``edited.generator.output``); one made before the
         weights are loaded gets them when this model (or it) loads them."""

@@ -103,6 +103,17 @@ def test_module_attached_before_loading_runs_on_the_loaded_model(gpt2_path, gpt2
     assert torch.allclose(logits.value, expected, atol=ATOL)  # the edit only reads: the model's output is its own
 
 
+def test_an_edited_copy_made_before_loading_runs_its_edit_and_the_model_does_not(gpt2_path, gpt2_ref, lm_tokenizer):
+    model = raysight.LanguageModel(str(gpt2_path))
+    with model.edit() as edited:
+        model.transformer.h[0].output[:] = 0
+    hidden, _ = oracle_blocks(gpt2_ref, "gpt2", encode(gpt2_ref, lm_tokenizer, TEXT))
+    for who, want in ((model, hidden[0]), (edited, torch.zeros_like(hidden[0])), (model, hidden[0])):
+        with who.trace(TEXT):
+            got = who.transformer.h[0].output.save()
+        assert torch.allclose(got.value, want, atol=ATOL)
+
+
 @pytest.mark.local_only  # inspects the client's own torch modules
 def test_loading_keeps_envoys_and_attachments_and_shares_weights_with_earlier_copies(gpt2_path, gpt2_ref):
     model = raysight.LanguageModel(str(gpt2_path))
