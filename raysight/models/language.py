@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from raysight.backends.base import InvokeInputs
-from raysight.envoy import Envoy
+from raysight.envoy import _ATTACHED, Envoy
 from raysight.models.nnsight import NNsight, _backend_for, _check_blocking
 from raysight.runtime.hooks import is_hooked
 from raysight.tracing.tracer import Tracer
@@ -414,13 +414,16 @@ def _load_config(source: str, kwargs: dict) -> Any:
 
 
 def _carry_attached(old: torch.nn.Module, new: torch.nn.Module) -> None:
-    """Move the modules attached to the meta-device model ``old`` (those ``new``, loaded from the checkpoint, lacks)
-    onto ``new`` at the same paths."""
+    """Move onto ``new`` (loaded from the checkpoint) the modules attached to the meta-device model ``old`` through
+    an envoy, at the same paths: added ones, and ones that replaced a module of the architecture (``new``'s own is
+    then dropped); and any other module ``old`` has and ``new`` lacks."""
     for name, child in list(old.named_modules())[1:]:
         parent, _, leaf = name.rpartition(".")
         try:
-            new.get_submodule(name)
+            present = new.get_submodule(name)
         except AttributeError:
+            present = None
+        if present is None or (child in _ATTACHED and present is not child):
             new.get_submodule(parent).add_module(leaf, child)  # (with its own children: they are found next)
 
 

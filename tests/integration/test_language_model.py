@@ -17,9 +17,11 @@ ATOL = 1e-5
 
 
 def _state_equal(module: torch.nn.Module, ref: torch.nn.Module, ignore: tuple[str, ...] = ()) -> None:
-    """``module`` holds ``ref``'s weights (``ignore``: prefixes of entries only ``module`` has, e.g. attachments)."""
+    """``module`` holds ``ref``'s weights (but for the entries under the prefixes ``ignore``: attached modules)."""
     mine, theirs = module.state_dict(), ref.state_dict()
-    mine = {k: v for k, v in mine.items() if not k.startswith(ignore)} if ignore else mine
+    if ignore:
+        mine = {k: v for k, v in mine.items() if not k.startswith(ignore)}
+        theirs = {k: v for k, v in theirs.items() if not k.startswith(ignore)}
     assert set(mine) == set(theirs)
     for key, value in theirs.items():
         assert mine[key].device.type != "meta", key
@@ -119,6 +121,9 @@ def test_loading_keeps_envoys_and_attachments_and_shares_weights_with_earlier_co
     model = raysight.LanguageModel(str(gpt2_path))
     block = model.transformer.h[0]
     block.extra = torch.nn.Linear(2, 2)
+    torch.manual_seed(5)
+    mine = torch.nn.Linear(gpt2_ref.config.n_embd, gpt2_ref.config.n_embd)
+    model.transformer.h[1].attn.c_proj = mine  # replaces a module of the architecture: it stays after loading
     with model.edit() as edited:  # a copy made while the weights are not loaded
         model.transformer.h[0].output[:] = 0
     edited.dispatch()  # loading through the copy loads the model it was made from
@@ -127,7 +132,8 @@ def test_loading_keeps_envoys_and_attachments_and_shares_weights_with_earlier_co
     assert block._module is hf_module(model).transformer.h[0]
     assert hf_module(model).transformer.h[0].extra is block.extra._module
     assert torch.equal(block.attn.c_attn.weight, gpt2_ref.transformer.h[0].attn.c_attn.weight)
-    _state_equal(hf_module(model), gpt2_ref, ignore=("transformer.h.0.extra.",))
+    assert hf_module(model).transformer.h[1].attn.c_proj is mine
+    _state_equal(hf_module(model), gpt2_ref, ignore=("transformer.h.0.extra.", "transformer.h.1.attn.c_proj."))
 
 
 def test_dispatch_true_loads_at_once(gpt2_path, gpt2_ref):
