@@ -93,6 +93,9 @@ def local(fn: Any = None) -> Any:
     through Ray). ``raysight.local(fn)`` is :func:`trace`: each call of ``fn`` is one node."""
     if fn is None:
         return _Local()
+    if not callable(fn):
+        raise TypeError(f"raysight.local is `with raysight.local():` or decorates a function (`@raysight.local`), got "
+                        f"{type(fn).__name__}")  # fmt: skip
     return trace(fn)
 
 

@@ -163,6 +163,12 @@ def test_local_as_a_decorator_is_one_node(model, mlp, x):
 
 
 @pytest.mark.local_only
+def test_local_of_a_non_callable_names_both_forms():
+    with pytest.raises(TypeError, match=r"with raysight\.local\(\):.*@raysight\.local.*Tensor"):
+        raysight.local(torch.zeros(1))
+
+
+@pytest.mark.local_only
 def test_local_outside_a_trace_is_a_trace_error():
     with pytest.raises(raysight.TraceError, match=r"raysight\.local\(\) can only be used inside"):
         with raysight.local():
