@@ -63,6 +63,7 @@ class AppConfig(_Settings):
     _defaults = {"LOGGING": False, "REMOTE_LOGGING": True, "DEBUG": True, "CONTROL_FLOW_HANDLING": False,
                  "FRAME_INJECTION": False, "GLOBAL_TRACING": True}  # fmt: skip
     _handler: Optional[logging.Handler] = None
+    _level = logging.NOTSET  # the raysight logger's level before LOGGING turned on
 
     _set_CONTROL_FLOW_HANDLING = _fixed("CONTROL_FLOW_HANDLING", False, _NO_REWRITING)
     _set_FRAME_INJECTION = _fixed("FRAME_INJECTION", False, _NO_REWRITING)
@@ -75,11 +76,12 @@ class AppConfig(_Settings):
             handler = logging.StreamHandler()
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
             log.addHandler(handler)
-            AppConfig._handler = handler
+            AppConfig._handler, AppConfig._level = handler, log.level
             if log.level == logging.NOTSET or log.level > logging.INFO:
                 log.setLevel(logging.INFO)
         elif not value and AppConfig._handler is not None:
             log.removeHandler(AppConfig._handler)
+            log.setLevel(AppConfig._level)
             AppConfig._handler = None
 
 

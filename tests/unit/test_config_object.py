@@ -34,12 +34,14 @@ def test_a_misspelt_setting_is_an_error_listing_the_settings():
 
 def test_logging_shows_raysights_log_records_on_stderr(capsys):
     log = logging.getLogger("raysight.test_config")
+    before = logging.getLogger("raysight").level
     log.info("hidden")
     assert "hidden" not in capsys.readouterr().err
     CONFIG.APP.LOGGING = True
     log.info("shown %d", 7)
     assert "raysight.test_config INFO: shown 7" in capsys.readouterr().err
     CONFIG.APP.LOGGING = False
+    assert logging.getLogger("raysight").level == before
     log.warning("after")
     assert "raysight.test_config WARNING: after" not in capsys.readouterr().err
 
