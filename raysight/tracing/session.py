@@ -16,7 +16,7 @@ from raysight.errors import TraceError
 from raysight.graph.graph import Graph
 from raysight.graph.node import CALL_FUNCTION, COND, ITER, LOG, STOP, Node, user_source
 from raysight.graph.proxy import _CURRENT, Proxy, current_recorder, set_value
-from raysight.tracing import creation
+from raysight.tracing import control, creation
 from raysight.tracing.tracer import Block, Tracer
 
 
@@ -78,7 +78,7 @@ class Session:
         """Call ``fn(*args, **kwargs)`` as one node when the session runs."""
         return self.record(CALL_FUNCTION, fn, args, kwargs)
 
-    local = staticmethod(Tracer.local)
+    local = staticmethod(control.local)  # nnsight 0.4's ``session.local()``: see :func:`raysight.local`
 
     # -- context --------------------------------------------------------------------------------------------
     def __enter__(self) -> "Session":

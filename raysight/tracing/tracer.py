@@ -37,7 +37,7 @@ from raysight.graph.node import (
     user_source,
 )
 from raysight.graph.proxy import _CURRENT, Proxy, current_recorder, new_proxy, set_value, value_of
-from raysight.tracing import creation
+from raysight.tracing import control, creation
 from raysight.tracing import scan as scan_mod
 from raysight.tracing.calls import CallScope, parse_calls
 
@@ -326,12 +326,7 @@ class Tracer:
         """Call ``fn(*args, **kwargs)`` as one node when the graph runs."""
         return self.record(CALL_FUNCTION, fn, args, kwargs)
 
-    @staticmethod
-    def local(fn: Any = None) -> Any:
-        """nnsight 0.4's ``tracer.local()``: see :func:`raysight.local`."""
-        from raysight.tracing.control import local
-
-        return local(fn)
+    local = staticmethod(control.local)  # nnsight 0.4's ``tracer.local()``: see :func:`raysight.local`
 
     # -- context --------------------------------------------------------------------------------------------
     def __enter__(self) -> "Tracer":
