@@ -5,6 +5,7 @@
     python jobs/extract.py --model /models/gpt2 --data prompts.parquet --layers 3,6 --output acts/ \\
         --replicas 4 --num-gpus 1                            # a real checkpoint on a cluster (RAY_ADDRESS)
     raysight submit jobs/extract.py -- --model /models/gpt2 --data /data/prompts/   # as a Ray job
+    raysight submit jobs/extract.py -- --model /models/gpt2 --pool gpt2 ...   # the shared pool of `raysight serve`
 
 Each output row is one prompt: ``id`` (its position in the input), ``tokens``, the text, and one column per layer
 (``h3``: that block's hidden states for the prompt's own tokens, no padding). Rerunning with the same arguments
@@ -43,6 +44,8 @@ def parse(argv: Any = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--replicas", type=int, default=1, help="model actors to spread the batches over")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (the model is sharded over them)")
+    p.add_argument("--pool", default=None, help="run on the shared pool of this name (`raysight serve`); when none "
+                   "runs, start it (with --replicas, --num-gpus) and keep it for later jobs")  # fmt: skip
     p.add_argument("--address", default=None, help="a Ray cluster to connect to (default: RAY_ADDRESS, else local)")
     p.add_argument("--local", action="store_true", help="run in this process, without Ray actors")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier extraction in --output")
@@ -68,7 +71,9 @@ def main(argv: Any = None) -> int:
 
     if not args.local:
         raysight.init(args.address)
-        if args.replicas > 1 or args.num_gpus:
+        if args.pool:
+            raysight.serve(model, replicas=args.replicas, num_gpus=args.num_gpus, name=args.pool, detached=True)
+        elif args.replicas > 1 or args.num_gpus:
             raysight.serve(model, replicas=args.replicas, num_gpus=args.num_gpus)
     start = time.perf_counter()
     ds = raysight.extract(model, data, fn, output=args.output, batch_size=args.batch_size, remote=not args.local,

@@ -7,13 +7,19 @@
     raysight status JOB_ID
     raysight stop JOB_ID                   # waits until the job is STOPPED
     raysight extract --rows 8 --local      # jobs/extract.py's main() in this process
+    raysight serve /models/gpt2 --name gpt2 --replicas 2 --num-gpus 1   # a shared pool, kept after this exits
+    raysight pools                         # the shared pools of the cluster
+    raysight unserve gpt2                  # stop one, for every driver
 
-Every cluster command talks HTTP to the job server of a head's dashboard: ``--address``, else ``RAY_ADDRESS``, else
+Every job command talks HTTP to the job server of a head's dashboard: ``--address``, else ``RAY_ADDRESS``, else
 http://127.0.0.1:8265 (``HOST:PORT`` means http://HOST:PORT, the dashboard, not the GCS port). ``submit`` uploads
-the working dir (default: the current directory, without .venv, .git and __pycache__) and runs ``python SCRIPT ARGS``
-from it on the cluster. Ray is imported inside the commands, so importing this module stays light. Exit codes: 0 done
-(the job SUCCEEDED), 1 the job FAILED or was STOPPED, 2 an error the user can fix (no cluster at the address, an
-unknown job, a script outside the working dir), reported in one line on stderr.
+the working dir (default: the current directory, without .venv, .git and __pycache__) and runs ``python SCRIPT
+ARGS`` from it on the cluster. ``serve``, ``pools`` and ``unserve`` connect to the cluster as a Ray driver instead:
+``--ray-address`` (its GCS address, HOST:6379), else ``RAY_ADDRESS`` when it is not a dashboard URL, else the head
+started on this machine; they never start a cluster of their own (a pool would die with it). Ray is imported inside
+the commands, so importing this module stays light. Exit codes: 0 done (the job SUCCEEDED), 1 the job FAILED or was
+STOPPED, 2 an error the user can fix (no cluster at the address, an unknown job, a script outside the working dir),
+reported in one line on stderr.
 """
 
 from __future__ import annotations
@@ -291,6 +297,83 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 1
 
 
+# -- shared pools -----------------------------------------------------------------------------------------------
+def ray_address(address: str | None) -> str:
+    """The GCS address a ``serve``/``pools``/``unserve`` driver connects to (see the module doc); never None, so
+    ``ray.init`` never starts a local cluster that would take the pool with it when the command exits."""
+    if address is not None:
+        if address.startswith(("http://", "https://")):
+            raise UsageError(f"--ray-address {address} is a dashboard URL; pass the head's GCS address (HOST:6379)")
+        return address
+    env = os.environ.get("RAY_ADDRESS")
+    return env if env and not env.startswith(("http://", "https://")) else "auto"
+
+
+def _driver(address: str | None) -> None:
+    import raysight
+
+    chosen = ray_address(address)
+    try:
+        raysight.init(chosen, logging_level=logging.WARNING)
+    except ConnectionError as e:
+        raise UsageError(f"no Ray cluster at {chosen} ({_one_line(e)}): start a head with `ray start --head` or pass "
+                         "--ray-address HOST:6379") from None  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import raysight
+
+    source = args.model
+    if source == "tiny":
+        from raysight.models.tiny import tiny_lm_path
+
+        source = str(tiny_lm_path())
+    elif not pathlib.Path(source).is_dir():
+        raise UsageError(f"{source} is not a checkpoint directory (model hubs may be out of reach: pass a local "
+                         "directory saved with save_pretrained, or 'tiny')")  # fmt: skip
+    _driver(args.ray_address)
+    model = raysight.LanguageModel(source, torch_dtype=args.dtype)  # on the meta device here: the replicas load it
+    pool = raysight.serve(model, replicas=args.replicas, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
+                          device_map=args.device_map, name=args.name, trusted=not args.restricted,
+                          detached=True)  # fmt: skip
+    print(pools_table([pool]))
+    return 0
+
+
+def pools_table(pools: Sequence[Any]) -> str:
+    """One line per pool: name, replicas, GPUs and CPUs per replica, trust mode, the models it serves."""
+    rows = [("NAME", "REPLICAS", "GPUS", "CPUS", "MODE", "MODELS")]
+    for pool in pools:
+        c = pool.config
+        models = ", ".join(pool.labels.values()) or "-"
+        rows.append((pool.name, str(len(pool.actors)), f"{c.num_gpus:g}", f"{c.num_cpus:g}",
+                     "trusted" if c.trusted else "restricted", models))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[-1]]).rstrip() for row in rows)
+
+
+def cmd_pools(args: argparse.Namespace) -> int:
+    import raysight
+
+    _driver(args.ray_address)
+    shared = [pool for pool in raysight.pools() if pool.shared]
+    print(pools_table(shared) if shared else "no shared pools")
+    return 0
+
+
+def cmd_unserve(args: argparse.Namespace) -> int:
+    import raysight
+
+    _driver(args.ray_address)
+    found = {pool.name: pool for pool in raysight.pools() if pool.shared}
+    if args.name not in found:
+        raise UsageError(f"no shared pool named {args.name!r} on the cluster (running: "
+                         f"{', '.join(sorted(found)) or 'none'}; `raysight pools` lists them)")  # fmt: skip
+    found[args.name].shutdown()
+    print(f"pool {args.name} shut down")
+    return 0
+
+
 # -- extract ----------------------------------------------------------------------------------------------------
 def extract_script() -> pathlib.Path:
     """jobs/extract.py of the repository this package lives in (jobs/ is not part of the installed package)."""
@@ -350,6 +433,31 @@ def _add_job_commands(commands: Any) -> None:
         sub.set_defaults(run=run)
 
 
+def _add_pool_commands(commands: Any) -> None:
+    about = ("Start (or find) the shared pool NAME holding MODEL on the cluster; any driver then uses it with "
+             "raysight.serve(model, name=NAME, detached=True).")
+    serve = commands.add_parser("serve", help="start a shared pool serving a checkpoint (it outlives this command)",
+                                description=about)
+    serve.add_argument("model", metavar="MODEL", help="a Hugging Face checkpoint directory, or 'tiny'")
+    serve.add_argument("--name", help="the pool's name (default: raysight-<checkpoint directory name>)")
+    serve.add_argument("--replicas", type=int, default=1)
+    serve.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (the model is sharded over them)")
+    serve.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica (default 1; a fraction is fine)")
+    serve.add_argument("--device-map", default="auto", help="how a replica shards the model (default: auto)")
+    serve.add_argument("--dtype", default=None, help="the dtype to load the weights in (e.g. bfloat16)")
+    serve.add_argument("--restricted", action="store_true", help="accept only allow-listed callables (a service "
+                       "running others' graphs; see docs/wire-format.md)")  # fmt: skip
+    serve.set_defaults(run=cmd_serve)
+    pools = commands.add_parser("pools", help="list the shared pools of the cluster")
+    pools.set_defaults(run=cmd_pools)
+    unserve = commands.add_parser("unserve", help="shut a shared pool down (for every driver)")
+    unserve.add_argument("name", metavar="NAME")
+    unserve.set_defaults(run=cmd_unserve)
+    for sub in (serve, pools, unserve):
+        sub.add_argument("--ray-address", help="the cluster's GCS address (default: RAY_ADDRESS unless it is a "
+                         "dashboard URL, else the head on this machine)")  # fmt: skip
+
+
 def _add_extract(commands: Any) -> None:
     # prefix_chars that never occur: every argument, --options (and --help) included, goes to jobs/extract.py
     extract = commands.add_parser("extract", add_help=False, prefix_chars="\0",
@@ -360,11 +468,13 @@ def _add_extract(commands: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raysight", description="Submit, list, follow and stop Ray jobs through the "
-                                     "Ray Jobs API, or run jobs/extract.py here.")  # fmt: skip
+                                     "Ray Jobs API, keep shared model pools on the cluster, or run jobs/extract.py "
+                                     "here.")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_submit(commands)
     _add_job_commands(commands)
+    _add_pool_commands(commands)
     _add_extract(commands)
     return parser
 

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 
 from raysight.backends.base import Request
 from raysight.backends.wire import edits_set_aside, relay_logs
-from raysight.distributed.pool import DEFAULT_POOL, NAMESPACE, Pool, PoolConfig, registry
+from raysight.distributed.pool import DEFAULT_POOL, NAMESPACE, Pool, PoolConfig, registry, shared_pool_names
 from raysight.graph.schema import Limits
 from raysight.graph.serialize import decode_result, encode_request
 
@@ -52,24 +52,39 @@ def serve(
     start_timeout_s: float = 300.0,
     trusted: bool = True,
     limits: Optional[Limits] = None,
+    detached: bool = False,
 ) -> Pool:
     """Start a named pool of ``replicas`` actors, each holding ``model`` (sharded over its ``num_gpus`` GPUs with
-    ``device_map`` when it has GPUs). Remote runs of this model go to the pool; ``pool.shutdown()`` frees it."""
+    ``device_map`` when it has GPUs). Remote runs of this model go to the pool; ``pool.shutdown()`` frees it.
+
+    ``detached=True`` makes a *shared* pool: it outlives this driver, and every driver of the cluster can use it. The
+    same call in another driver (or again in this one) finds the running pool instead of starting one, when ``model``
+    matches the model it serves (same class, checkpoint and module tree; see :func:`model_fingerprint`): runs of the
+    model then use the weights the pool loaded, and the other arguments are those the pool was started with."""
     init()
     reg = registry()
     reg.check_cluster()
     name = name or f"raysight-{_model_name(model)}"
     config = PoolConfig(name, replicas, num_gpus, num_cpus, device_map, max_retries, start_timeout_s, trusted,
-                        limits or Limits())  # fmt: skip
+                        limits or Limits(), detached)  # fmt: skip
+    fingerprint = model_fingerprint(model) if detached else None
     with reg.lock:
-        if name in reg.pools:
-            raise ValueError(f"a pool named {name!r} is already running; shut it down first "
-                             "(`pool.shutdown()`, see raysight.pools()) or pass another name=")  # fmt: skip
+        pool = reg.pools.get(name) or _attach(reg, name)
+        if pool is not None:
+            if not (detached and pool.shared):
+                what = "a shared pool" if pool.shared else "a pool"
+                fix = "pass detached=True to use it" if pool.shared else "shut it down first (`pool.shutdown()`)"
+                raise ValueError(f"{what} named {name!r} is already running; {fix}, see raysight.pools(), or pass "
+                                 "another name=")  # fmt: skip
+            key = pool.adopt(model, fingerprint)
+            reg.serving[key.rpartition("-")[0]] = name
+            logger.info("using the shared pool %r for %s", name, _model_name(model))
+            return pool
         pool = Pool(config)
         reg.pools[name] = pool
     key = model_key(model)
     try:
-        pool.hold(key, model_ref(model, key))
+        pool.hold(key, model_ref(model, key), fingerprint, _model_name(model))
     except BaseException:
         pool.shutdown()
         raise
@@ -80,14 +95,33 @@ def serve(
 
 
 def pools() -> list[Pool]:
-    """The pools this driver started that are still running."""
+    """The pools this driver started that are still running, and the shared pools running on the cluster (whichever
+    driver started them)."""
     import ray
 
     if not ray.is_initialized():
         return []
     reg = registry()
     reg.check_cluster()
-    return list(reg.pools.values())
+    with reg.lock:
+        running = set(shared_pool_names())
+        for name, pool in list(reg.pools.items()):
+            if pool.shared and name not in running:  # shut down by another driver
+                pool.closed = True
+                reg.forget(pool)
+        for name in running:
+            if name not in reg.pools:
+                _attach(reg, name)
+        return list(reg.pools.values())
+
+
+def _attach(reg: Any, name: str) -> Optional[Pool]:
+    """The shared pool ``name`` of the cluster, now one of this driver's pools (None when there is none); the caller
+    holds ``reg.lock``."""
+    pool = Pool.attach(name)
+    if pool is not None:
+        reg.pools[name] = pool
+    return pool
 
 
 class RayBackend:
@@ -128,8 +162,9 @@ class RayBackend:
             if isinstance(self.pool, Pool):
                 return self.pool
             if isinstance(self.pool, str):
-                if self.pool not in reg.pools:
-                    raise ValueError(f"no pool named {self.pool!r} is running; running pools: {sorted(reg.pools)}")
+                if self.pool not in reg.pools and _attach(reg, self.pool) is None:
+                    running = sorted(set(reg.pools) | set(shared_pool_names()))
+                    raise ValueError(f"no pool named {self.pool!r} is running; running pools: {running}")
                 return reg.pools[self.pool]
             for key in keys:  # a session runs where its first served model is
                 name = reg.serving.get(key.rpartition("-")[0])
@@ -150,6 +185,26 @@ def model_key(model: Any) -> str:
     if base is None:
         base = model.__dict__["_remote_key"] = uuid.uuid4().hex
     return f"{base}-{len(model.__dict__.get('_by_path', ()))}"
+
+
+def model_fingerprint(model: Any) -> str:
+    """What a shared pool matches a client's model by: its class, its checkpoint (a ``LanguageModel``'s source and
+    load arguments) and its module tree (every module's path and type, every parameter's name and shape). Not
+    the weights: a driver's model of that shape runs with the weights the pool loaded (a client of a shared
+    ``LanguageModel`` pool never loads them). Structure only, so it is the same on a meta-device model."""
+    import hashlib
+
+    state = model.__dict__
+    module = state.get("_module", model)
+    source = str(state.get("_source") or "")
+    parts = [type(model).__qualname__, os.path.realpath(source) if source and os.path.exists(source) else source]
+    load_kwargs = state.get("_load_kwargs")
+    if isinstance(load_kwargs, dict):
+        parts.append(repr(sorted((k, repr(v)) for k, v in load_kwargs.items() if k != "device_map")))
+    parts += [f"{path}={type(m).__qualname__}" for path, m in module.named_modules()]
+    parts += [f"{path}:{tuple(p.shape)}" for path, p in module.named_parameters()]  # (dtype: a loaded checkpoint's
+    # may differ from its meta-device shape's; the dtype asked for is among the load arguments)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def model_ref(model: Any, key: str) -> Any:

@@ -30,11 +30,14 @@ class ModelServer:
     (loading the missing ones from ``refs``), runs it and returns ``("ok", result_bytes)`` or ``("error", info)``."""
 
     def __init__(self, limits: Optional[Limits] = None, trusted: bool = True, device_map: Any = None,
-                 num_gpus: float = 0) -> None:  # fmt: skip
+                 num_gpus: float = 0, keeper: Any = None) -> None:  # fmt: skip
         self.limits = limits or Limits()
         self.trusted = trusted
         self.device_map = device_map
         self.num_gpus = num_gpus
+        # a shared pool's PoolKeeper (distributed.pool): the models it serves, for an actor that Ray restarted after
+        # it died, whichever driver (if any) is still connected
+        self.keeper = keeper
         self.models: dict[str, Any] = {}
         self.jobs: dict[str, Any] = {}  # extraction jobs, decoded: (request, ShardJob)
 
@@ -120,8 +123,11 @@ class ModelServer:
 
         for key in keys:
             if key not in self.models:
-                ref = refs[key]
-                self.load(key, ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref)
+                data = ray.get(self.keeper.model.remote(key)) if self.keeper is not None else None
+                if data is None:  # not the model the shared pool serves (or not a shared pool): the client's copy
+                    ref = refs[key]
+                    data = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+                self.load(key, data)
 
     def _extraction(self, job_key: str, job_ref: Any, keys: list[str]) -> tuple[Any, Any]:
         job = self.jobs.get(job_key)

@@ -6,6 +6,12 @@ time it is sent. A request goes to the replica with the fewest requests in fligh
 and the request retried (``max_retries`` times); what a replica holds is rebuilt from the model kept in Ray's object
 store, so a replacement needs nothing from the client. A request the client stops waiting for is cancelled
 (:meth:`Pool.cancel`), and its actor serves the next one.
+
+A *shared* pool (``raysight.serve(model, name=..., detached=True)``, or ``raysight serve`` on the command line)
+outlives the driver that started it: its actors are detached, and a :class:`PoolKeeper` (a detached actor named
+``raysight-pool:<name>`` that takes no CPU) keeps its configuration, the models it serves and its replicas. Any
+driver of the cluster finds it by name (``raysight.pools()``, ``serve`` with the same name, ``pool=``); a replica
+that dies is restarted by Ray and reloads its models from the keeper, so it needs no particular driver.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "raysight"
 DEFAULT_POOL = "raysight-default"
+KEEPER_PREFIX = "raysight-pool:"  # a shared pool's keeper is the detached actor KEEPER_PREFIX + its name
 
 
 @dataclass
@@ -39,6 +46,7 @@ class PoolConfig:
     start_timeout_s: float = 300.0  # how long serve() waits for every replica to start and load the model
     trusted: bool = True
     limits: Limits = field(default_factory=Limits)
+    detached: bool = False  # a shared pool: outlives this driver, found by name from any driver of the cluster
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -54,22 +62,56 @@ class PoolConfig:
 class Pool:
     """A named set of model actors. ``pool.run(...)`` sends one request; ``pool.shutdown()`` frees the actors."""
 
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(self, config: PoolConfig, _running: Optional[tuple] = None) -> None:
         self.config = config
         self._lock = threading.Lock()
         self._actors: list[Any] = []
         self._in_flight: list[int] = []
         self._models: dict[str, Any] = {}  # key -> ObjectRef of the pickled model, for replacements
+        self.fingerprints: dict[str, Optional[str]] = {}  # a shared pool's: model key -> model_fingerprint
+        self.labels: dict[str, str] = {}  # a shared pool's: model key -> what the model is (its checkpoint's name)
+        self._keeper: Any = None
         self.restarts = 0
         self.closed = False
+        if _running is not None:  # a shared pool that runs already (see attach): use its actors
+            self._keeper, actors, self.fingerprints, self.labels = _running
+            self._actors, self._in_flight = list(actors), [0] * len(actors)
+            return
         self._check_fits()
-        for i in range(config.replicas):
-            self._actors.append(self._start(i))
-            self._in_flight.append(0)
+        if config.detached:
+            self._keeper = _start_keeper(config)
+        try:
+            for i in range(config.replicas):
+                self._actors.append(self._start(i))
+                self._in_flight.append(0)
+            if self._keeper is not None:
+                import ray
+
+                ray.get(self._keeper.set_replicas.remote(self._actors))
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @classmethod
+    def attach(cls, name: str) -> Optional["Pool"]:
+        """The shared pool ``name`` running on the cluster (started by any driver), or None when there is none."""
+        import ray
+
+        try:
+            keeper = ray.get_actor(KEEPER_PREFIX + name, namespace=NAMESPACE)
+            info = ray.get(keeper.describe.remote())
+        except (ValueError, ray.exceptions.RayActorError):  # no such actor, or it is being shut down
+            return None
+        return cls(info["config"], _running=(keeper, info["replicas"], info["fingerprints"], info["labels"]))
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def shared(self) -> bool:
+        """Whether the pool outlives its driver and serves every driver of the cluster (``detached=True``)."""
+        return self.config.detached
 
     @property
     def actors(self) -> list[Any]:
@@ -77,7 +119,9 @@ class Pool:
 
     def __repr__(self) -> str:
         state = "shut down" if self.closed else f"{len(self._actors)} replicas"
-        return f"<raysight Pool {self.name!r}: {state}, {self.config.num_gpus} GPUs each, models {list(self._models)}>"
+        kind = "shared Pool" if self.shared else "Pool"
+        models = list(self.labels.values()) if self.shared else list(self._models)
+        return f"<raysight {kind} {self.name!r}: {state}, {self.config.num_gpus} GPUs each, models {models}>"
 
     # -- actors ---------------------------------------------------------------------------------------------
     def _check_fits(self) -> None:
@@ -113,13 +157,20 @@ class Pool:
         options = {"num_cpus": c.num_cpus, "num_gpus": c.num_gpus, "max_concurrency": 1, "namespace": NAMESPACE,
                    "allow_out_of_order_execution": True,
                    "name": f"{c.name}-{index}-{uuid.uuid4().hex[:6]}"}  # fmt: skip
-        return actor_class().options(**options).remote(c.limits, c.trusted, c.device_map, c.num_gpus)
+        if c.detached:  # Ray restarts a replica that dies, whichever driver is connected; it reloads from the keeper
+            options.update(lifetime="detached", max_restarts=-1)
+        return actor_class().options(**options).remote(c.limits, c.trusted, c.device_map, c.num_gpus, self._keeper)
 
-    def hold(self, key: str, ref: Any) -> None:
-        """Load a model on every replica now (``raysight.serve``): a load error surfaces here, not on first use."""
+    def hold(self, key: str, ref: Any, fingerprint: Optional[str] = None, label: str = "") -> None:
+        """Load a model on every replica now (``raysight.serve``): a load error surfaces here, not on first use. A
+        shared pool also keeps it on its keeper, with its ``fingerprint`` and ``label`` (what `raysight pools`
+        shows)."""
         import ray
 
         self._models[key] = ref
+        if self._keeper is not None:  # first, so that a replica restarted from now on finds the model there
+            ray.get(self._keeper.remember.remote(key, ref, fingerprint, label))
+            self.fingerprints[key], self.labels[key] = fingerprint, label
         results = [actor.load.remote(key, ref) for actor in self._actors]
         timeout = self.config.start_timeout_s
         try:
@@ -234,19 +285,74 @@ class Pool:
             self._in_flight[index] -= 1
 
     def _replace(self, index: int, dead: Any) -> None:
+        if self.shared:  # Ray restarts it (max_restarts=-1), whichever driver is connected
+            self._check_running()
+            self._wait_restarted(dead)
+            with self._lock:
+                self.restarts += 1
+            return
         with self._lock:
             if self._actors[index] is not dead:  # another thread replaced it already
                 return
             self._actors[index] = self._start(index)
             self.restarts += 1
 
+    def adopt(self, model: Any, fingerprint: str) -> str:
+        """Route ``model`` to the model this shared pool serves, matched by fingerprint (see
+        ``backends.ray.model_fingerprint``: its class, checkpoint and module tree, not its weights): the model takes
+        the pool's key, so its runs use the weights the pool loaded. Returns the key."""
+        for key, served in self.fingerprints.items():
+            if served == fingerprint:
+                model.__dict__["_remote_key"] = key.rpartition("-")[0]
+                return key
+        served = ", ".join(f"{self.labels.get(k, '?')} (fingerprint {f})" for k, f in self.fingerprints.items())
+        raise ValueError(
+            f"the shared pool {self.name!r} serves another model: {served}; this model's fingerprint is "
+            f"{fingerprint!r} (its class, checkpoint or module tree differ). Pass another name= to start a pool for "
+            "this model, or shut that one down (raysight.pools(), `raysight unserve NAME`)"
+        )
+
+    def _wait_restarted(self, actor: Any) -> None:
+        """Until Ray's restart of a shared pool's replica answers (a call sent while it restarts fails as
+        unavailable, and would use up the request's retries), for at most ``start_timeout_s``."""
+        import time
+
+        import ray
+
+        deadline = time.monotonic() + self.config.start_timeout_s
+        while True:
+            try:
+                ray.get(actor.pid.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    return  # the retry reports it
+                time.sleep(0.2)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return  # dead for good (killed without restart) or still starting: the retry reports it
+
+    def _check_running(self) -> None:
+        """A shared pool whose keeper is gone was shut down (by another driver, say): forget it, and say so."""
+        import ray
+
+        try:
+            ray.get(self._keeper.describe.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            self.closed = True
+            _REGISTRY.forget(self)
+            raise RuntimeError(f"the shared pool {self.name!r} was shut down (its keeper is gone); start it again "
+                               "with raysight.serve(model, name=..., detached=True) or `raysight serve`") from None
+
     def shutdown(self) -> None:
-        """Kill the pool's actors and forget the pool (its name can be used again)."""
+        """Kill the pool's actors and forget the pool (its name can be used again). A shared pool stops for every
+        driver of the cluster."""
         import ray
 
         with self._lock:
             actors, self._actors = self._actors, []
             self.closed = True
+        if self._keeper is not None:  # a shared pool: for every driver (its name can be used again at once)
+            actors.append(self._keeper)
         for actor in actors:
             try:
                 ray.kill(actor)
@@ -285,6 +391,57 @@ class _Registry:
 
 
 _REGISTRY = _Registry()
+
+
+class PoolKeeper:
+    """A shared pool's record on the cluster: its configuration, the models it serves (pickled, by key, with their
+    fingerprints) and its replicas. A detached actor that needs no CPU, named ``KEEPER_PREFIX + name``."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.models: dict[str, bytes] = {}
+        self.fingerprints: dict[str, Optional[str]] = {}
+        self.labels: dict[str, str] = {}
+        self.replicas: list[Any] = []
+
+    def remember(self, key: str, data: bytes, fingerprint: Optional[str], label: str) -> None:
+        self.models[key] = data
+        self.fingerprints[key], self.labels[key] = fingerprint, label
+
+    def model(self, key: str) -> Optional[bytes]:
+        return self.models.get(key)
+
+    def set_replicas(self, replicas: list[Any]) -> None:
+        self.replicas = list(replicas)
+
+    def describe(self) -> dict[str, Any]:
+        return {"config": self.config, "fingerprints": dict(self.fingerprints), "labels": dict(self.labels),
+                "replicas": self.replicas}
+
+
+def _start_keeper(config: PoolConfig) -> Any:
+    import ray
+
+    try:
+        return (
+            ray.remote(PoolKeeper)
+            .options(name=KEEPER_PREFIX + config.name, namespace=NAMESPACE, lifetime="detached", num_cpus=0)
+            .remote(config)
+        )
+    except ValueError as exc:  # another driver started a pool of that name just now
+        raise ValueError(f"a shared pool named {config.name!r} already runs on the cluster ({exc}); call "
+                         "raysight.serve again to use it, or pass another name=") from None
+
+
+def shared_pool_names() -> list[str]:
+    """The names of the shared pools running on the cluster (whichever driver started them)."""
+    import ray.util
+
+    return sorted(
+        entry["name"][len(KEEPER_PREFIX):]
+        for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry.get("namespace") == NAMESPACE and entry["name"].startswith(KEEPER_PREFIX)
+    )
 
 
 def registry() -> _Registry:

@@ -329,6 +329,31 @@ def test_a_ray_init_address_is_refused_with_the_fix(address: str) -> None:
     assert repr(address) in err and "--address http://HEAD:8265" in err
 
 
+# -- serve / pools / unserve (the scenarios on a real head: tests/distributed/test_shared_pools.py) --------------
+def test_pool_commands_connect_to_the_option_then_a_gcs_ray_address_then_the_local_head(monkeypatch: Any) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cli.ray_address(None) == "auto"  # never None: that would start a cluster that dies with the command
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert cli.ray_address(None) == "10.0.0.5:6379"
+    assert cli.ray_address("head:6380") == "head:6380"
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.5:8265")  # set for the job commands: not a driver's address
+    assert cli.ray_address(None) == "auto"
+
+
+def test_a_dashboard_url_as_the_ray_address_exits_2_with_the_fix() -> None:
+    code, _, err = run_cli("pools", "--ray-address", "http://127.0.0.1:8265")
+    assert code == 2
+    assert "dashboard URL" in err and "HOST:6379" in err
+
+
+def test_serving_a_checkpoint_that_is_not_there_exits_2_naming_it(tmp_path: pathlib.Path) -> None:
+    missing = tmp_path / "no-such-checkpoint"
+    code, _, err = run_cli("serve", str(missing), "--name", "x")
+    assert code == 2
+    assert str(missing) in err and "save_pretrained" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_the_upload_leaves_out_venv_git_and_bytecode(tmp_path: pathlib.Path) -> None:
     args = cli.build_parser().parse_args(["submit", "--exclude", "data/", "--pip", "einops", "--env", "A=1=2", "s.py"])
     env = cli.runtime_env_for(args, tmp_path)

@@ -279,3 +279,31 @@ def test_a_model_and_its_edited_copy_in_one_remote_session_keep_their_own_edits(
         with torch.no_grad():
             assert torch.allclose(plain.value, mlp(x)), split
             assert torch.allclose(zeroed.value, mlp.layer2.bias.expand(3, 2)), split
+
+
+# -- shared pools in one driver (across drivers, and `raysight serve`: test_shared_pools.py) --------------------
+def test_serving_a_shared_pool_again_uses_the_running_one_and_its_weights(mlp: MLP, x: torch.Tensor) -> None:
+    from raysight.backends.ray import RayBackend, model_fingerprint
+
+    pool = raysight.serve(raysight.NNsight(mlp), name="shared-here", detached=True)
+    try:
+        assert pool.shared and "shared-here" in [p.name for p in raysight.pools()]
+        pid = ray.get(pool.actors[0].pid.remote())
+        torch.manual_seed(5)
+        other = MLP()  # the same architecture with other weights
+        model = raysight.NNsight(other)
+        assert model_fingerprint(model) == model_fingerprint(raysight.NNsight(mlp))
+        assert raysight.serve(model, name="shared-here", detached=True) is pool  # found, not started again
+        assert ray.get(pool.actors[0].pid.remote()) == pid
+        with model.trace(x, backend=RayBackend(pool="shared-here")):
+            out = model.output.save()
+        with torch.no_grad():
+            assert torch.allclose(out.value, mlp(x)) and not torch.allclose(out.value, other(x))
+        with pytest.raises(ValueError, match="serves another model: MLP"):
+            raysight.serve(raysight.NNsight(torch.nn.Linear(5, 2)), name="shared-here", detached=True)
+    finally:
+        pool.shutdown()
+    assert "shared-here" not in [p.name for p in raysight.pools()]
+    with pytest.raises(ValueError, match="no pool named 'shared-here' is running"):
+        with model.trace(x, backend=RayBackend(pool="shared-here")):
+            model.output.save()
