@@ -333,9 +333,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "directory saved with save_pretrained, or 'tiny')")  # fmt: skip
     _driver(args.ray_address)
     model = raysight.LanguageModel(source, torch_dtype=args.dtype)  # on the meta device here: the replicas load it
-    pool = raysight.serve(model, replicas=args.replicas, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
-                          device_map=args.device_map, name=args.name, trusted=not args.restricted,
-                          detached=True)  # fmt: skip
+    try:
+        pool = raysight.serve(model, replicas=args.replicas, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
+                              device_map=args.device_map, name=args.name, trusted=not args.restricted,
+                              detached=True)  # fmt: skip
+    except (ValueError, TimeoutError, raysight.RemoteExecutionError) as e:  # taken, too big, or does not load
+        raise UsageError(_one_line(e)) from None
     print(pools_table([pool]))
     return 0
 

@@ -49,6 +49,25 @@ STARTER = COMMON + textwrap.dedent(
     """
 )
 
+# Two drivers at once, each with its own inputs: the pool's one replica serves both, each gets its own values.
+CONCURRENT = COMMON + textwrap.dedent(
+    """
+    import sys
+
+    served = net_of(1)
+    served.load_state_dict(torch.load(os.environ["WEIGHTS"]))
+    model = raysight.NNsight(net_of(int(sys.argv[1])))
+    raysight.serve(model, name="shared", detached=True)
+    for step in range(5):
+        xi = torch.randn(3, 5, generator=torch.Generator().manual_seed(100 * int(sys.argv[1]) + step))
+        with model.trace(xi, remote=True):
+            out = model.output.save()
+        with torch.no_grad():
+            assert torch.allclose(out.value, served(xi)), step
+    print("CONCURRENT OK", sys.argv[1])
+    """
+)
+
 # A second driver, after the first one ended: finds the pool, runs on the weights the pool holds (its own module has
 # other weights), survives a replica that dies, refuses a different model under that name, then shuts the pool down.
 USER = COMMON + textwrap.dedent(
@@ -129,6 +148,14 @@ def _cluster_run(scenario: str, tmp_path: pathlib.Path) -> str:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
         env = dict(os.environ, RAY_ADDRESS=cluster.address)
 
+        def run_at_once(*scripts):
+            started = [subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True) for code, *args in scripts]
+            outs = [p.communicate(timeout=240) for p in started]
+            for p, (out, err) in zip(started, outs):
+                assert p.returncode == 0, out[-3000:] + err[-6000:]
+            return "".join(out for out, _ in outs)
+
         def run(code, *args):
             done = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
                                   timeout=240)
@@ -162,11 +189,13 @@ def test_a_shared_pool_outlives_its_driver_and_serves_the_next(tmp_path: pathlib
         f"""
         started = run({STARTER!r})
         pid = started.split("PID ")[1].split()[0]
+        print(run_at_once(({CONCURRENT!r}, "3"), ({CONCURRENT!r}, "4")), end="")
         print(run({USER!r}, pid), end="")
         print(run({AFTER!r}), end="")
         """
     )
     out = _cluster_run(scenario, tmp_path)
+    assert "CONCURRENT OK 3" in out and "CONCURRENT OK 4" in out
     assert "USER OK" in out and "AFTER OK" in out
 
 
@@ -203,6 +232,8 @@ def test_raysight_serve_keeps_a_checkpoint_served_for_jobs(tmp_path: pathlib.Pat
     scenario = textwrap.dedent(
         f"""
         print(cli("serve", "tiny", "--name", "lm", "--replicas", "2", "--num-cpus", "0.5"))
+        print(cli("serve", "tiny", "--name", "lm"))  # running already: found, not started again
+        print(cli("serve", "tiny", "--name", "lm", "--dtype", "float16", code=2))  # another checkpoint: refused
         print(cli("pools"))
         print(run({LM_USER!r}), end="")
         out_dir = {str(tmp_path / "acts")!r}
@@ -218,6 +249,9 @@ def test_raysight_serve_keeps_a_checkpoint_served_for_jobs(tmp_path: pathlib.Pat
     lines = out.strip().splitlines()
     table = [line for line in lines if line.startswith("lm ")]
     assert table and table[0].split()[:5] == ["lm", "2", "0", "0.5", "trusted"], out
+    assert sum(line.startswith("lm ") for line in lines) == 3, out  # serve, serve again, pools
+    assert "raysight serve: error: the shared pool 'lm' serves another model: tiny-gpt2" in out
+    assert "Traceback" not in out
     assert "no shared pool named 'nope'" in out and "pool lm shut down" in out
     assert lines[-1] == "no shared pools", out
     import pyarrow.parquet as pq
