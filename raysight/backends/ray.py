@@ -78,6 +78,13 @@ def serve(
                                  "another name=")  # fmt: skip
             key = pool.adopt(model, fingerprint)
             reg.serving[key.rpartition("-")[0]] = name
+            running = pool.config
+            differ = [f"{field}={getattr(running, field)!r} (asked {getattr(config, field)!r})"
+                      for field in ("replicas", "num_gpus", "num_cpus", "device_map", "trusted")
+                      if getattr(running, field) != getattr(config, field)]  # fmt: skip
+            if differ:
+                logger.warning("the shared pool %r runs as it was started: %s; to change that, shut it down and "
+                               "serve it again", name, ", ".join(differ))  # fmt: skip
             logger.info("using the shared pool %r for %s", name, _model_name(model))
             return pool
         pool = Pool(config)

@@ -3,6 +3,7 @@ errors and logs coming back, and a LanguageModel that the client never loads."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -282,7 +283,8 @@ def test_a_model_and_its_edited_copy_in_one_remote_session_keep_their_own_edits(
 
 
 # -- shared pools in one driver (across drivers, and `raysight serve`: test_shared_pools.py) --------------------
-def test_serving_a_shared_pool_again_uses_the_running_one_and_its_weights(mlp: MLP, x: torch.Tensor) -> None:
+def test_serving_a_shared_pool_again_uses_the_running_one_and_its_weights(mlp: MLP, x: torch.Tensor,
+                                                                         caplog: Any) -> None:  # fmt: skip
     from raysight.backends.ray import RayBackend, model_fingerprint
 
     pool = raysight.serve(raysight.NNsight(mlp), name="shared-here", detached=True)
@@ -294,6 +296,9 @@ def test_serving_a_shared_pool_again_uses_the_running_one_and_its_weights(mlp: M
         model = raysight.NNsight(other)
         assert model_fingerprint(model) == model_fingerprint(raysight.NNsight(mlp))
         assert raysight.serve(model, name="shared-here", detached=True) is pool  # found, not started again
+        with caplog.at_level(logging.WARNING, logger="raysight"):
+            assert raysight.serve(model, name="shared-here", replicas=2, detached=True) is pool
+        assert "runs as it was started: replicas=1 (asked 2)" in caplog.text and len(pool.actors) == 1
         assert ray.get(pool.actors[0].pid.remote()) == pid
         with model.trace(x, backend=RayBackend(pool="shared-here")):
             out = model.output.save()
