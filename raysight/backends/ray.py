@@ -110,12 +110,11 @@ def pools() -> list[Pool]:
         return []
     reg = registry()
     reg.check_cluster()
+    running = set(shared_pool_names())
+    for pool in [p for p in list(reg.pools.values()) if p.shared and p.name not in running]:
+        pool.closed = True  # shut down by another driver
+        reg.forget(pool)
     with reg.lock:
-        running = set(shared_pool_names())
-        for name, pool in list(reg.pools.items()):
-            if pool.shared and name not in running:  # shut down by another driver
-                pool.closed = True
-                reg.forget(pool)
         for name in running:
             if name not in reg.pools:
                 _attach(reg, name)

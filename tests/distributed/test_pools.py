@@ -15,7 +15,7 @@ from helpers import MLP
 from lm_helpers import bert_tokenizer, build_lm, encode, oracle_forward, oracle_generate
 
 import raysight
-from raysight.backends.ray import model_key
+from raysight.backends.ray import RayBackend, model_key
 
 ray = pytest.importorskip("ray")
 
@@ -312,3 +312,27 @@ def test_serving_a_shared_pool_again_uses_the_running_one_and_its_weights(mlp: M
     with pytest.raises(ValueError, match="no pool named 'shared-here' is running"):
         with model.trace(x, backend=RayBackend(pool="shared-here")):
             model.output.save()
+
+
+def test_a_shared_pool_another_driver_shut_down_leaves_the_list_and_says_so(mlp: MLP, x: torch.Tensor) -> None:
+    from raysight.distributed.pool import KEEPER_PREFIX, NAMESPACE
+
+    def serve_then_kill_as_another_driver_would(name: str) -> tuple[raysight.NNsight, Any]:
+        model = raysight.NNsight(mlp)
+        pool = raysight.serve(model, name=name, detached=True)
+        keeper = ray.get_actor(KEEPER_PREFIX + name, namespace=NAMESPACE)
+        for actor in [*pool.actors, keeper]:  # what pool.shutdown() in another driver does
+            ray.kill(actor)
+        for actor in pool.actors:
+            _wait_until_dead(actor)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(keeper.describe.remote(), timeout=30)
+        return model, pool
+
+    model, pool = serve_then_kill_as_another_driver_would("shared-gone")
+    with pytest.raises(RuntimeError, match="shared pool 'shared-gone' was shut down"):  # a run finds out
+        with model.trace(x, remote=True):
+            model.output.save()
+    assert pool.closed
+    _, pool = serve_then_kill_as_another_driver_would("shared-gone-2")
+    assert "shared-gone-2" not in [p.name for p in raysight.pools()] and pool.closed  # so does the list
