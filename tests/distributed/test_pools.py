@@ -15,7 +15,7 @@ from helpers import MLP
 from lm_helpers import bert_tokenizer, build_lm, encode, oracle_forward, oracle_generate
 
 import raysight
-from raysight.backends.ray import RayBackend, model_key
+from raysight.backends.ray import model_key
 
 ray = pytest.importorskip("ray")
 
