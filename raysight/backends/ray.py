@@ -143,24 +143,36 @@ class RayBackend:
         init()
         registry().check_cluster()
         models: list[Any] = []
-        payload = encode_request(request, models, trusted=self.trusted,
-                                 model=None if request.method == "session" else model)  # fmt: skip
+        traced = None if request.method == "session" else model
+        payload = encode_request(request, models, trusted=self.trusted, model=traced)
         keys = [model_key(m) for m in models]
         refs = {key: model_ref(m, key) for m, key in zip(models, keys)}
         if request.method == "session" and self.split:
             from raysight.distributed.planner import Plan, plan_session, run_split
 
             parts, pools = plan_session(request.graph, lambda m: self._pool_for([model_key(m)] if m else []))
+            payload = self._restricted_for(pools, payload, request, traced)
             if len(parts) > 1:
                 self.last_plan = Plan(parts, [p.name for p in pools])
                 logger.debug("%s", self.last_plan)
                 index = {id(m): i for i, m in enumerate(models)}
                 return run_split(payload, parts, pools, lambda m: index[id(m)], keys, refs)
             self.last_plan = Plan(parts, [pools[0].name])
-        result = self._pool_for(keys).run(payload, keys, refs)
+        pool = self._pool_for(keys)
+        if request.method != "session" or not self.split:  # (a split session's pools were checked above)
+            payload = self._restricted_for([pool], payload, request, traced)
+        result = pool.run(payload, keys, refs)
         saved, logs = decode_result(result)
         relay_logs(logs)
         return saved
+
+    def _restricted_for(self, pools: list[Pool], payload: bytes, request: Request, traced: Any) -> bytes:
+        """The request encoded in restricted mode when a pool it runs on is restricted (``trusted=False``, a shared
+        model service, say): a callable off the allow-list is then refused here, by name and with the user's line,
+        before anything is sent (the pool would refuse it too, but could only say that a pickled value came)."""
+        if not self.trusted or all(pool.config.trusted for pool in pools):
+            return payload
+        return encode_request(request, [], trusted=False, model=traced)
 
     def _pool_for(self, keys: list[str]) -> Pool:
         reg = registry()

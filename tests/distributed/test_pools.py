@@ -336,3 +336,24 @@ def test_a_shared_pool_another_driver_shut_down_leaves_the_list_and_says_so(mlp:
     assert pool.closed
     _, pool = serve_then_kill_as_another_driver_would("shared-gone-2")
     assert "shared-gone-2" not in [p.name for p in raysight.pools()] and pool.closed  # so does the list
+
+
+def test_a_restricted_pool_runs_allow_listed_graphs_and_refuses_others_by_name(mlp: MLP, x: torch.Tensor) -> None:
+    model = raysight.NNsight(mlp)
+    pool = raysight.serve(model, name="service", trusted=False)  # a model service running others' graphs
+    try:
+        with model.trace(x, remote=True):
+            summed = torch.nn.functional.relu(model.layer1.output).sum(dim=-1).save()
+        with torch.no_grad():
+            assert torch.allclose(summed.value, torch.relu(mlp.layer1(x)).sum(-1))
+        # refused on the client, before anything is sent, naming the callable and the line that used it
+        with pytest.raises(raysight.RaysightError, match=r"the callable \S*<lambda> is not on the allow-list \(created "
+                           r"at .*test_pools.py:\d+"):  # fmt: skip
+            with model.trace(x, remote=True):
+                raysight.apply(lambda t: t * 2, model.layer1.output).save()
+        with pytest.raises(raysight.RaysightError, match=r"the callable \S*<lambda> is not on the allow-list"):
+            with model.session(remote=True):
+                with model.trace(x):
+                    raysight.apply(lambda t: t * 2, model.layer1.output).save()
+    finally:
+        pool.shutdown()
