@@ -130,6 +130,10 @@ class _RayRunner:
         self.keys = [model_key(plan.model)]
         self.refs = {self.keys[0]: model_ref(plan.model, self.keys[0])}
         self.pool = RayBackend(pool)._pool_for(self.keys)
+        if not self.pool.config.trusted:  # (its actors would refuse every shard; say so before any runs)
+            raise PermissionError(f"pool {self.pool.name!r} is restricted (trusted=False): extraction sends its input "
+                                  "template and preprocess by value, which a restricted pool refuses; extract on a "
+                                  "pool served with trusted=True, or with remote=False")  # fmt: skip
         if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
             raise ValueError(f"max_in_flight must be a positive int (or None: twice the replicas), got {max_in_flight!r}")
         self.in_flight = max_in_flight or 2 * max(1, len(self.pool.actors))

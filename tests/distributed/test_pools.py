@@ -355,5 +355,12 @@ def test_a_restricted_pool_runs_allow_listed_graphs_and_refuses_others_by_name(m
             with model.session(remote=True):
                 with model.trace(x):
                     raysight.apply(lambda t: t * 2, model.layer1.output).save()
+        with pytest.raises(PermissionError, match="pool 'service' is restricted"):  # before any shard runs
+            raysight.extract(model, [{"x": row} for row in x], _layer1_of, remote=True)
     finally:
         pool.shutdown()
+
+
+def _layer1_of(model: raysight.NNsight, batch: dict) -> dict:
+    with model.trace(batch["x"]):
+        return {"h": model.layer1.output}
