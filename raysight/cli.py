@@ -71,13 +71,19 @@ def _local_token_headers(address: str) -> dict[str, str]:
 
     if os.environ.get("RAY_AUTH_MODE") or urllib.parse.urlsplit(address).hostname not in LOOPBACK:
         return {}
+    loader = _token_loader()
+    return dict(loader.get_token_for_http_header()) if loader is not None else {}
+
+
+def _token_loader() -> Any:
+    """Ray's loader of the local auth token when there is one (recent Ray; older releases have no token auth)."""
     try:
-        from ray._raylet import AuthenticationTokenLoader  # recent Ray; older releases have no token auth
+        from ray._raylet import AuthenticationTokenLoader
 
         loader = AuthenticationTokenLoader.instance()
-        return dict(loader.get_token_for_http_header()) if loader.has_token(ignore_auth_mode=True) else {}
+        return loader if loader.has_token(ignore_auth_mode=True) else None
     except (ImportError, AttributeError, TypeError):
-        return {}
+        return None
 
 
 @contextlib.contextmanager
@@ -313,11 +319,26 @@ def _driver(address: str | None) -> None:
     import raysight
 
     chosen = ray_address(address)
+    host = chosen.rpartition(":")[0] if ":" in chosen else chosen
+    if chosen == "auto" or host in LOOPBACK:  # a head on this machine: send it the local token, as for jobs
+        _use_local_token()
     try:
         raysight.init(chosen, logging_level=logging.WARNING)
     except ConnectionError as e:
         raise UsageError(f"no Ray cluster at {chosen} ({_one_line(e)}): start a head with `ray start --head` or pass "
                          "--ray-address HOST:6379") from None  # fmt: skip
+
+
+def _use_local_token() -> None:
+    """Turn token auth on for this process when RAY_AUTH_MODE is unset and ~/.ray/auth_token exists: what
+    ``ray.init`` does itself for a cluster it finds, but not for an address it is given."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available as enable,
+        )
+    except ImportError:  # older Ray: no token auth
+        return
+    enable(warn_if_disabled=False)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

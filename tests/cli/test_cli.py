@@ -108,6 +108,9 @@ def _alive(proc: Any) -> bool:
 
 
 # -- the head ---------------------------------------------------------------------------------------------------
+HEAD_GCS: dict[str, str] = {}  # job server URL of a head -> its GCS address
+
+
 @pytest.fixture(scope="module")
 def head() -> Iterator[str]:
     """The job server URL of a real Ray head (``ray start --head`` in a subprocess, 2 CPUs) for this module.
@@ -139,6 +142,7 @@ def head() -> Iterator[str]:
                              start_new_session=True)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{ports[1]}"
+        HEAD_GCS[url] = f"127.0.0.1:{ports[0]}"  # what a driver (raysight serve/pools/unserve) connects to
         try:
             output, _ = start.communicate(timeout=120)
             problem = f"`ray start` exited with {start.returncode}: {output[-2000:]}" if start.returncode else ""
@@ -282,6 +286,44 @@ def test_submit_runs_jobs_extract_py_from_the_repository(head: str, tmp_path: pa
                              "--", "--rows", "8", "--batch-size", "4", "--output", str(output), "--local")  # fmt: skip
     assert code == 0, out[-3000:]
     assert pyarrow.dataset.dataset(str(output), format="parquet").count_rows() == 8
+
+
+def test_a_job_runs_on_the_shared_pool_raysight_serve_keeps(head: str, tmp_path: pathlib.Path) -> None:
+    """The whole workflow through the Jobs API: `raysight serve` a checkpoint on the head, submit jobs/extract.py
+    with --pool (the job attaches; it loads nothing), list the pool, unserve it."""
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raysight.data import to_tensors
+    from raysight.models.tiny import tiny_lm_path
+
+    gcs = HEAD_GCS[head]
+    served = run_command("serve", "tiny", "--name", "jobpool", "--num-cpus", "0.5", "--ray-address", gcs,
+                         timeout=300)  # fmt: skip
+    assert served.returncode == 0, served.stdout + served.stderr[-3000:]
+    try:
+        output = tmp_path / "acts"
+        job_args = ["--pool", "jobpool", "--rows", "5", "--layers", "1", "--output", str(output)]
+        code, out, _ = run_cli("submit", "--address", head, "--working-dir", str(REPO), "jobs/extract.py", "--",
+                               *job_args)  # fmt: skip
+        assert code == 0, out[-3000:]
+        listed = run_command("pools", "--ray-address", gcs)
+        assert listed.returncode == 0 and listed.stdout.split("\n")[1].split()[:2] == ["jobpool", "1"], listed.stdout
+    finally:
+        stopped = run_command("unserve", "jobpool", "--ray-address", gcs)
+    assert stopped.returncode == 0 and "pool jobpool shut down" in stopped.stdout, stopped.stderr[-3000:]
+    assert run_command("pools", "--ray-address", gcs).stdout.strip() == "no shared pools"
+    table = pq.read_table(str(output)).sort_by("id")
+    assert table.column("id").to_pylist() == list(range(5))
+    path = str(tiny_lm_path())
+    hf, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    seen: list = []
+    hf.transformer.h[1].register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    for text, h1 in zip(table.column("text").to_pylist(), to_tensors(table, "h1")):
+        with torch.no_grad():
+            hf(**tokenizer(text, return_tensors="pt"))
+        assert torch.allclose(h1, seen.pop()[0], atol=1e-5)
 
 
 # -- errors before any job runs ---------------------------------------------------------------------------------
