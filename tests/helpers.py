@@ -314,3 +314,24 @@ def run_with_call_hook(root: nn.Module, module: nn.Module, fn: Callable[[int, An
         return root(*args)
     finally:
         handle.remove()
+
+
+def assert_extracted_blocks_match_hf(parquet_dir: Any, n_rows: int, block: int = 1) -> None:
+    """The Parquet output of ``jobs/extract.py`` on the embedded tiny checkpoint holds each id ``0..n_rows-1`` once,
+    and each row's ``h<block>`` equals that block's output in plain transformers (a forward hook), prompt by prompt."""
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raysight.data import to_tensors
+    from raysight.models.tiny import tiny_lm_path
+
+    table = pq.read_table(str(parquet_dir)).sort_by("id")
+    assert table.column("id").to_pylist() == list(range(n_rows))
+    path = str(tiny_lm_path())
+    hf, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    seen: list = []
+    hf.transformer.h[block].register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    for text, hidden in zip(table.column("text").to_pylist(), to_tensors(table, f"h{block}")):
+        with torch.no_grad():
+            hf(**tokenizer(text, return_tensors="pt"))
+        assert torch.allclose(hidden, seen.pop()[0], atol=1e-5)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from helpers import assert_extracted_blocks_match_hf
 
 from raysight import cli
 
@@ -291,13 +292,6 @@ def test_submit_runs_jobs_extract_py_from_the_repository(head: str, tmp_path: pa
 def test_a_job_runs_on_the_shared_pool_raysight_serve_keeps(head: str, tmp_path: pathlib.Path) -> None:
     """The whole workflow through the Jobs API: `raysight serve` a checkpoint on the head, submit jobs/extract.py
     with --pool (the job attaches; it loads nothing), list the pool, unserve it."""
-    import pyarrow.parquet as pq
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from raysight.data import to_tensors
-    from raysight.models.tiny import tiny_lm_path
-
     gcs = HEAD_GCS[head]
     served = run_command("serve", "tiny", "--name", "jobpool", "--num-cpus", "0.5", "--ray-address", gcs,
                          timeout=300)  # fmt: skip
@@ -314,16 +308,7 @@ def test_a_job_runs_on_the_shared_pool_raysight_serve_keeps(head: str, tmp_path:
         stopped = run_command("unserve", "jobpool", "--ray-address", gcs)
     assert stopped.returncode == 0 and "pool jobpool shut down" in stopped.stdout, stopped.stderr[-3000:]
     assert run_command("pools", "--ray-address", gcs).stdout.strip() == "no shared pools"
-    table = pq.read_table(str(output)).sort_by("id")
-    assert table.column("id").to_pylist() == list(range(5))
-    path = str(tiny_lm_path())
-    hf, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    seen: list = []
-    hf.transformer.h[1].register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
-    for text, h1 in zip(table.column("text").to_pylist(), to_tensors(table, "h1")):
-        with torch.no_grad():
-            hf(**tokenizer(text, return_tensors="pt"))
-        assert torch.allclose(h1, seen.pop()[0], atol=1e-5)
+    assert_extracted_blocks_match_hf(output, 5)
 
 
 # -- errors before any job runs ---------------------------------------------------------------------------------

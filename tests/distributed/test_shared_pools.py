@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+from helpers import assert_extracted_blocks_match_hf
 
 pytest.importorskip("ray")
 
@@ -254,21 +255,4 @@ def test_raysight_serve_keeps_a_checkpoint_served_for_jobs(tmp_path: pathlib.Pat
     assert "Traceback" not in out
     assert "no shared pool named 'nope'" in out and "pool lm shut down" in out
     assert lines[-1] == "no shared pools", out
-    import pyarrow.parquet as pq
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from raysight.data import to_tensors
-    from raysight.models.tiny import tiny_lm_path
-
-    table = pq.read_table(str(tmp_path / "acts")).sort_by("id")
-    assert table.column("id").to_pylist() == list(range(6))
-    path = str(tiny_lm_path())
-    hf, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    seen: list = []
-    hf.transformer.h[1].register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
-    for text, h1 in zip(table.column("text").to_pylist(), to_tensors(table, "h1")):
-        with torch.no_grad():
-            hf(**tokenizer(text, return_tensors="pt"))
-        assert torch.allclose(h1, seen.pop()[0], atol=1e-5)
+    assert_extracted_blocks_match_hf(tmp_path / "acts", 6)
