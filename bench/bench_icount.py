@@ -4,6 +4,8 @@ is doing. A complement to ``bench_trace.py``, whose microsecond medians move by 
     .venv/bin/python bench/bench_icount.py            # ~4 min: most of it is valgrind starting torch
     .venv/bin/python bench/bench_icount.py --n 200    # more calls per case (the counts barely change)
     .venv/bin/python bench/bench_icount.py --gc       # keep the cycle collector on while counting
+    .venv/bin/python bench/bench_icount.py --only raysight,raw --keep /tmp/cg   # some cases; keep the files:
+    callgrind_annotate /tmp/cg/deep_raysight_save_32.callgrind | head -40      # where each case's instructions go
 
 Needs ``valgrind`` and ``gcc`` (with ``valgrind/callgrind.h``). The script compiles a three-function helper that
 issues callgrind client requests (start/stop counting, dump a named part), runs itself under callgrind, and counts
@@ -140,10 +142,13 @@ def traced_cases(name: str, wrap: Callable, mlp: Any, x: Any, deep: Any, xd: Any
             f"deep {name} save 1": save_k(1), f"deep {name} save 32": save_k(32)}  # fmt: skip
 
 
-def worker(helper: str, n: int, keep_gc: bool) -> None:
-    """Runs under callgrind: one dumped part per case."""
+def worker(helper: str, n: int, keep_gc: bool, only: str = "") -> None:
+    """Runs under callgrind: one dumped part per case (those whose name contains one of ``only``'s words)."""
     cg = ctypes.CDLL(helper)
+    words = only.split(",") if only else []
     for name, fn in cases().items():
+        if words and not any(w in name for w in words):
+            continue
         for _ in range(30):
             fn()
         gc.collect()
@@ -159,7 +164,7 @@ def worker(helper: str, n: int, keep_gc: bool) -> None:
         gc.enable()
 
 
-def count(n: int, keep_gc: bool) -> dict[str, float]:
+def count(n: int, keep_gc: bool, only: str = "", keep: str = "") -> dict[str, float]:
     for tool in ("valgrind", "gcc"):
         if shutil.which(tool) is None:
             sys.exit(f"bench_icount needs {tool} on PATH (Debian: apt-get install valgrind gcc)")
@@ -170,7 +175,7 @@ def count(n: int, keep_gc: bool) -> dict[str, float]:
         subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(helper), str(source)], check=True)
         out = pathlib.Path(tmp, "cg.out")
         cmd = ["valgrind", "--tool=callgrind", "--collect-atstart=no", f"--callgrind-out-file={out}", sys.executable,
-               __file__, "--worker", str(helper), "--n", str(n)] + (["--gc"] if keep_gc else [])  # fmt: skip
+               __file__, "--worker", str(helper), "--n", str(n), "--only", only] + (["--gc"] if keep_gc else [])  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"callgrind run failed:\n{done.stderr[-3000:]}")
@@ -181,6 +186,9 @@ def count(n: int, keep_gc: bool) -> dict[str, float]:
             total = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
             if name and total:
                 counts[name.group(1)] = int(total.group(1)) / n
+                if keep:  # for callgrind_annotate: one file per case, named after it
+                    pathlib.Path(keep).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(part, pathlib.Path(keep, name.group(1).replace(" ", "_") + ".callgrind"))
         return counts
 
 
@@ -204,6 +212,9 @@ def report(counts: dict[str, float], n: int, keep_gc: bool) -> None:
               f"save 1 {added('mlp raysight save 1') / added('mlp nnsight save 1'):.3f}")  # fmt: skip
         print(f"  case 4  raysight added / nnsight added, zero+read: "
               f"{added('mlp raysight zero+read') / added('mlp nnsight zero+read'):.3f}")  # fmt: skip
+    if "deep hand hooks save 32" not in counts:  # (--only without the hooks)
+        print(f"  case 2  marginal instructions per saved module: raysight {marginal('raysight'):,.0f}")
+        return
     print(f"  case 1  raysight save 1 added / hand hooks x2 added: "
           f"{added('mlp raysight save 1') / added('mlp hand hooks x2'):.2f}")  # fmt: skip
     line = f"  case 2  marginal instructions per saved module: hand hooks {marginal('hand hooks'):,.0f}, " \
@@ -217,13 +228,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100, help="calls counted per case")
     parser.add_argument("--gc", action="store_true", help="keep the cycle collector on while counting")
+    parser.add_argument("--only", default="", help="count only the cases whose name contains one of these "
+                        "comma-separated words (e.g. 'raysight,raw')")
+    parser.add_argument("--keep", default="", help="copy each case's callgrind file into this folder "
+                        "(read them with callgrind_annotate)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.n, args.gc)
+        worker(args.worker, args.n, args.gc, args.only)
         return
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    report(count(args.n, args.gc), args.n, args.gc)
+    report(count(args.n, args.gc, args.only, args.keep), args.n, args.gc)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ class LanguageModel(NNsight):
     def __getstate__(self) -> dict:
         """What a pickle or deep copy (a server's copy of the model) keeps: not the link between this model and its
         edited copies, so a copy made elsewhere loads its own weights when it needs them."""
-        state = dict(self.__dict__)
+        state = super().__getstate__()
         state.pop("_origin", None)
         state.pop("_copies", None)
         return state

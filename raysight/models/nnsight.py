@@ -80,6 +80,13 @@ class NNsight(Envoy):
         self._edits.clear()
         self.__dict__.pop("_edit_copies", None)  # the runtime's copies of them: nothing keeps them alive now
 
+    def __getstate__(self) -> dict:
+        """What a pickle or deep copy keeps: not the runtime's relays (forwards bound to this process's modules, kept
+        from one run to the next; a copy makes its own)."""
+        state = dict(self.__dict__)
+        state.pop("_relays", None)
+        return state
+
     def _copy(self) -> "NNsight":
         """A wrapper of the same module (shared weights) with its own envoy tree and its own copy of the edits."""
         copy = object.__new__(type(self))

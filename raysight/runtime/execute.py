@@ -74,7 +74,10 @@ def run_trace(
             direct_root = _TAKES_CALL.get(kind)
             if direct_root is None:
                 direct_root = _takes_root_caller(kind)
-        with HookSet(module_at, locations, interleaver, direct_root) as hooks:
+        relays = model.__dict__.get("_relays")
+        if relays is None:
+            relays = model.__dict__["_relays"] = {}  # (see hooks._relay; an edited copy shares its model's)
+        with HookSet(module_at, locations, interleaver, direct_root, relays) as hooks:
             if direct_root:
                 interleaver.call_root = hooks.call_root
             try:

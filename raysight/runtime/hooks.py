@@ -16,7 +16,7 @@ around that call by :meth:`HookSet.call_root`, without hooks. A hooked module ta
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.modules.module as torch_module
@@ -77,6 +77,7 @@ class HookSet:
         locations: Iterable[Location],
         interleaver: Interleaver,
         direct_root: bool = False,
+        relays: Optional[dict] = None,
     ) -> None:
         # module path -> [its input event key or None, its output event key or None, whether a skip replaces it]
         paths: dict[str, list] = {}
@@ -99,24 +100,35 @@ class HookSet:
                 self._root_output = root[1] is not None
         self._paths = paths
         self._module_at = module_at
+        self._relays = relays
         self._on_event = interleaver.on_event
         self._handles: list[Any] = []  # torch's handles of hooks registered through its API
         self._direct: list[tuple[dict, Any, int]] = []  # (hooks dict, with-kwargs flags or None, id) put in directly
-        self._forwards: list[tuple[torch.nn.Module, Any]] = []  # modules given a skipping forward: (module, old)
+        # modules given a forward of the run: (module, the forward it had in its __dict__ or _NONE, relay box or None)
+        self._forwards: list[tuple[torch.nn.Module, Any, Optional[list]]] = []
 
     def __enter__(self) -> "HookSet":
         module_at, on_event, handles = self._module_at, self._on_event, self._handles
         direct = _DIRECT if _DIRECT is not None else _direct_hooks_supported()
         wrap = WRAP and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
         forwards = self._forwards
+        relays = self._relays if self._relays is not None else {}
         hook_id = _Handle.next_id
         try:
             for path, (in_key, out_key, skips) in self._paths.items():
                 module = module_at(path)
                 if wrap and not skips and not (module._forward_hooks or module._forward_pre_hooks):
                     state = module.__dict__
-                    forwards.append((module, state.get("forward", _NONE)))
-                    state["forward"] = _wrapping_forward(module.forward, on_event, in_key, out_key)
+                    old = state.get("forward", _NONE)
+                    relay = relays.get(path)
+                    if relay is None or relay[0] is not module or relay[1] is not old or (
+                        old is _NONE and type(module).forward is not relay[2]
+                    ):
+                        relay = relays[path] = _relay(module, old)
+                    box = relay[4]
+                    box[0], box[1], box[2] = on_event, in_key, out_key
+                    forwards.append((module, old, box))
+                    state["forward"] = relay[3]
                     continue
                 for key in (in_key, out_key):
                     if key is None:
@@ -125,7 +137,7 @@ class HookSet:
                         pending: list = []
                         handles.append(module.register_forward_pre_hook(_skip_pre_hook(key, on_event, pending),
                                                                         with_kwargs=True))  # fmt: skip
-                        forwards.append((module, module.__dict__.get("forward", _NONE)))
+                        forwards.append((module, module.__dict__.get("forward", _NONE), None))
                         module.__dict__["forward"] = _skipping_forward(module.forward, pending)
                     elif not direct:
                         if key[1]:
@@ -165,11 +177,13 @@ class HookSet:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for module, old in reversed(self._forwards):
+        for module, old, box in reversed(self._forwards):
             if old is _NONE:
                 module.__dict__.pop("forward", None)
             else:
                 module.__dict__["forward"] = old  # (accelerate, for one, keeps its own forward there)
+            if box is not None:
+                box[0] = None  # (the relay stays for the next run; it must not keep this run's interleaver alive)
         self._forwards.clear()
 
     def call_root(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -186,36 +200,33 @@ class HookSet:
         return output
 
 
-def _wrapping_forward(forward: Callable, on_event: Callable, in_key: Any, out_key: Any) -> Callable:
-    """``forward`` with the events of a pre-hook (``in_key``) and a forward hook (``out_key``) around it."""
-    if in_key is None:
+def _relay(module: torch.nn.Module, old: Any) -> tuple:
+    """A forward for ``module`` that delivers the events of a pre-hook and a forward hook around its own: what
+    a run puts in the module's ``__dict__``. It is made once per module and kept by the model (``relays``) for
+    later runs, which only fill its box: [the interleaver's on_event (None between runs: the module's own forward
+    runs, without events), the input event key or None, the output event key or None]. Returns (module, ``old``, the
+    class's forward, the relay, its box); a run reuses it while the first three are still the module's."""
+    forward = module.forward  # (its instance forward when it has one, else the class's, bound)
+    box: list = [None, None, None]
 
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            output = forward(*args, **kwargs)
-            event = on_event(out_key, output)
-            return event.value if event.modified else output
-
-    elif out_key is None:
-
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            event = on_event(in_key, (args, kwargs))
-            if event.modified:
-                args, kwargs = event.value
+    def relay(*args: Any, **kwargs: Any) -> Any:
+        on_event, in_key, out_key = box
+        if on_event is None:
             return forward(*args, **kwargs)
-
-    else:
-
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if in_key is not None:
             event = on_event(in_key, (args, kwargs))
             if event.modified:
                 args, kwargs = event.value
-            output = forward(*args, **kwargs)
+        output = forward(*args, **kwargs)
+        if out_key is not None:
             event = on_event(out_key, output)
-            return event.value if event.modified else output
+            if event.modified:
+                return event.value
+        return output
 
-    wrapped.__wrapped__ = forward  # inspect.signature(module.forward) still sees the real one (HF generate asks)
-    wrapped._raysight_forward = forward  # type: ignore[attr-defined]  # (ops.call_module: an ad-hoc call, no events)
-    return wrapped
+    relay.__wrapped__ = forward  # type: ignore[attr-defined]  # inspect.signature(module.forward) sees the real one
+    relay._raysight_forward = forward  # type: ignore[attr-defined]  # (ops.call_module: an ad-hoc call, no events)
+    return (module, old, type(module).forward, relay, box)
 
 
 def is_hooked(module: torch.nn.Module) -> bool:

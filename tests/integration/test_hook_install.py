@@ -185,3 +185,115 @@ def test_a_global_module_hook_makes_the_run_use_real_hooks_after_it(model: Any, 
         handle.remove()
     torch.testing.assert_close(hidden.value, mlp.layer1(x) + 1)
     assert_no_hooks(mlp)
+
+
+def _layer1_after(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One trace reading layer1's output and editing it: (what it read, the logits after the edit)."""
+    with model.trace(x):
+        hidden = model.layer1.output.clone().save()
+        model.layer1.output[:, 0] = 0
+        logits = model.output.save()
+    return hidden.value, logits.value
+
+
+def _hand_layer1_after(mlp: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h = mlp.layer1(x)
+    edited = h.clone()
+    edited[:, 0] = 0
+    return h, mlp.layer2(edited)
+
+
+def test_the_wrapping_forward_is_reused_by_later_runs_and_holds_nothing_between_them(model: Any, mlp: Any,
+                                                                                     x: torch.Tensor) -> None:  # fmt: skip
+    """The runtime keeps one wrapping forward per module for the model's later runs (made once, not per trace):
+    each run gets the same one, the module is its own between runs, and what the wrapper keeps holds no value or
+    interleaver of a finished run (a call of it then is the module's own forward, without events)."""
+    import gc
+
+    from raysight.runtime.interpreter import Interleaver
+
+    seen = []
+
+    def look(value: Any) -> Any:
+        seen.append(mlp.layer1.__dict__["forward"])
+        return value
+
+    for scale in (1.0, 2.0, 3.0):
+        with model.trace(x * scale):
+            out = raysight.apply(look, model.layer1.output).save()
+        torch.testing.assert_close(out.value, mlp.layer1(x * scale))
+        assert "forward" not in mlp.layer1.__dict__
+    assert seen[0] is seen[1] is seen[2]
+    relay = seen[0]
+    torch.testing.assert_close(relay(x), mlp.layer1(x))  # between runs: no events, the module's own result
+    reachable, level = [], [cell.cell_contents for cell in relay.__closure__]
+    for _ in range(3):  # (the box, what it holds, what that holds: a bound on_event holds its interleaver)
+        reachable += level
+        level = [o for value in level for o in gc.get_referents(value) if not isinstance(o, torch.nn.Module)]
+    assert not any(isinstance(o, Interleaver) for o in reachable)  # no run's values reachable through it
+    assert_no_hooks(mlp)
+
+
+def test_a_forward_set_on_the_instance_after_a_run_is_the_one_the_next_run_wraps(model: Any, mlp: Any,
+                                                                                 x: torch.Tensor) -> None:  # fmt: skip
+    torch.testing.assert_close(_layer1_after(model, x), _hand_layer1_after(mlp, x))  # (the wrapper is made now)
+    own = mlp.layer1.forward
+    mlp.layer1.forward = lambda inp: own(inp) * 2
+    try:
+        hidden, logits = _layer1_after(model, x)
+        want = mlp.layer1(x)  # doubled
+        torch.testing.assert_close(hidden, want)
+        want = want.clone()
+        want[:, 0] = 0
+        torch.testing.assert_close(logits, mlp.layer2(want))
+    finally:
+        del mlp.layer1.forward
+    torch.testing.assert_close(_layer1_after(model, x), _hand_layer1_after(mlp, x))  # and back to its own
+    assert_no_hooks(mlp)
+
+
+def test_a_forward_changed_on_the_class_after_a_run_is_the_one_the_next_run_calls(model: Any, mlp: Any,
+                                                                                  x: torch.Tensor) -> None:  # fmt: skip
+    class Tripled(torch.nn.Linear):
+        pass
+
+    layer = Tripled(5, 10)
+    layer.load_state_dict(mlp.layer1.state_dict())
+    model.layer1 = layer  # (through the wrapper: its envoy follows)
+    torch.testing.assert_close(_layer1_after(model, x), _hand_layer1_after(mlp, x))
+    Tripled.forward = lambda self, inp: torch.nn.functional.linear(inp, self.weight, self.bias) * 3
+    hidden, logits = _layer1_after(model, x)
+    torch.testing.assert_close(hidden, torch.nn.functional.linear(x, layer.weight, layer.bias) * 3)
+    torch.testing.assert_close((hidden, logits), _hand_layer1_after(mlp, x))
+    assert_no_hooks(mlp)
+
+
+def test_a_module_replaced_after_a_run_is_the_one_the_next_run_reads(model: Any, mlp: Any, x: torch.Tensor) -> None:
+    torch.testing.assert_close(_layer1_after(model, x), _hand_layer1_after(mlp, x))
+    old = mlp.layer1
+    torch.manual_seed(7)
+    model.layer1 = torch.nn.Linear(5, 10)  # (through the wrapper: its envoy follows)
+    try:
+        assert mlp.layer1 is not old
+        torch.testing.assert_close(_layer1_after(model, x), _hand_layer1_after(mlp, x))
+        assert "forward" not in old.__dict__ and "forward" not in mlp.layer1.__dict__
+    finally:
+        model.layer1 = old
+    assert_no_hooks(mlp)
+
+
+def test_a_copy_of_a_model_that_has_run_calls_its_own_modules(model: Any, mlp: Any, x: torch.Tensor) -> None:
+    """A deep copy or pickle of a wrapped model (what a Ray actor gets) does not take the runtime's wrappers, which
+    are bound to the original's modules: the copy's runs read and edit the copy's weights."""
+    import copy
+    import pickle
+
+    _layer1_after(model, x)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        module = twin._module
+        with torch.no_grad():
+            module.layer1.weight.mul_(-1)
+        torch.testing.assert_close(_layer1_after(twin, x), _hand_layer1_after(module, x))
+        torch.testing.assert_close(_layer1_after(model, x), _hand_layer1_after(mlp, x))
+        assert_no_hooks(module)
+    assert_no_hooks(mlp)
