@@ -175,7 +175,8 @@ def count(n: int, keep_gc: bool, only: str = "", keep: str = "") -> dict[str, fl
         subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(helper), str(source)], check=True)
         out = pathlib.Path(tmp, "cg.out")
         cmd = ["valgrind", "--tool=callgrind", "--collect-atstart=no", f"--callgrind-out-file={out}", sys.executable,
-               __file__, "--worker", str(helper), "--n", str(n), "--only", only] + (["--gc"] if keep_gc else [])  # fmt: skip
+               __file__, "--worker", str(helper), "--n", str(n), "--only", only]  # fmt: skip
+        cmd += ["--gc"] if keep_gc else []
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"callgrind run failed:\n{done.stderr[-3000:]}")

@@ -203,8 +203,8 @@ def _hand_layer1_after(mlp: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return h, mlp.layer2(edited)
 
 
-def test_the_wrapping_forward_is_reused_by_later_runs_and_holds_nothing_between_them(model: Any, mlp: Any,
-                                                                                     x: torch.Tensor) -> None:  # fmt: skip
+def test_one_wrapping_forward_serves_later_runs_and_holds_nothing_between_them(model: Any, mlp: Any,
+                                                                              x: torch.Tensor) -> None:  # fmt: skip
     """The runtime keeps one wrapping forward per module for the model's later runs (made once, not per trace):
     each run gets the same one, the module is its own between runs, and what the wrapper keeps holds no value or
     interleaver of a finished run (a call of it then is the module's own forward, without events)."""
